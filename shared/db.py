@@ -10,6 +10,7 @@ Each service owns its tables (name prefix = service name) and never writes anoth
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -23,6 +24,18 @@ from sqlalchemy.types import TypeDecorator
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+SERVICES_DIR = Path(__file__).parent.parent / "services"
+
+
+def version_locations() -> list[Path]:
+    """The shared migrations plus each service's own branch (``services/<name>/migrations``).
+
+    A service's first revision has ``down_revision = None``, ``branch_labels = ("<name>",)``
+    and ``depends_on = "0001"``; services add revisions without touching each other's chain.
+    """
+    dirs = [MIGRATIONS_DIR / "versions"]
+    dirs += sorted(p for p in SERVICES_DIR.glob("*/migrations") if p.is_dir())
+    return dirs
 
 
 def utcnow() -> datetime:
@@ -124,11 +137,13 @@ def alembic_config(url: str) -> Any:
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("path_separator", "os")
+    cfg.set_main_option("version_locations", os.pathsep.join(str(p) for p in version_locations()))
     cfg.set_main_option("sqlalchemy.url", normalise_url(url).replace("%", "%%"))
     return cfg
 
 
-def upgrade(url: str, revision: str = "head") -> None:
+def upgrade(url: str, revision: str = "heads") -> None:
     """Run Alembic migrations synchronously (call from a thread inside an event loop)."""
     from alembic import command
 

@@ -1,0 +1,229 @@
+"""``tuneloop``: the one command people use.
+
+Core commands live here; each service may add its own by providing
+``services/<name>/cli.py`` with a ``register(app: typer.Typer)`` function.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from shared.supervisor import SERVICES, Embedded, stop_from_state
+
+app = typer.Typer(
+    name="tuneloop",
+    help="Continuous fine-tuning for LLMs: new data flows into a better model in production.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+console = Console(stderr=True)
+
+HomeOption = Annotated[
+    Path,
+    typer.Option("--home", envvar="TUNELOOP_HOME", help="Run directory (logs, data, spans)."),
+]
+
+
+@app.command()
+def up(
+    home: HomeOption = Path(".tuneloop"),
+    postgres: Annotated[
+        bool, typer.Option("--postgres", help="Start the embedded PostgreSQL instead of SQLite.")
+    ] = False,
+    services: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated subset of services to start (default: all present)."),
+    ] = None,
+    detach_after: Annotated[
+        float | None,
+        typer.Option(hidden=True, help="Stop by itself after this many seconds (tests)."),
+    ] = None,
+) -> None:
+    """Start the whole system on this machine: NATS JetStream, the database, the artifact
+    store and every service, supervised. Ctrl-C (or [bold]tuneloop down[/bold]) stops it."""
+    from shared.supervisor import available_services
+
+    chosen = services.split(",") if services else available_services()
+    unknown = [s for s in chosen if s not in SERVICES]
+    if unknown:
+        raise typer.BadParameter(f"unknown service(s) {unknown}; choose from {list(SERVICES)}")
+    embedded = Embedded(home=home, postgres=postgres, services=chosen)
+    stopping = False
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        state = embedded.start()
+        _print_state(state)
+        started = time.monotonic()
+        while not stopping:
+            for note in embedded.supervise_once():
+                console.print(f"[yellow]{note}[/yellow]")
+            if detach_after is not None and time.monotonic() - started > detach_after:
+                break
+            time.sleep(0.5)
+    finally:
+        console.print("stopping...")
+        embedded.stop()
+        console.print("stopped.")
+
+
+def _print_state(state: dict[str, Any]) -> None:
+    console.print("[bold green]tuneloop is up[/bold green]")
+    console.print(f"  run directory  {state['home']}")
+    console.print(f"  NATS           {state['nats_url']}")
+    console.print(f"  database       {state['database_url']}")
+    console.print(f"  artifacts      {state['artifact_store_url']}")
+    console.print(f"  traces         {state['span_file']}  (tuneloop trace RUN_ID)")
+    for name, svc in state["services"].items():
+        console.print(f"  {name:<14} http://127.0.0.1:{svc['http_port']}  log {svc['log']}")
+    if not state["services"]:
+        console.print("  (no services are implemented yet: only the infrastructure runs)")
+    console.print("Stop with Ctrl-C or `tuneloop down`.")
+
+
+@app.command()
+def down(home: HomeOption = Path(".tuneloop")) -> None:
+    """Stop what `tuneloop up` started in this run directory (and only that)."""
+    if stop_from_state(home):
+        console.print("stopped.")
+    else:
+        console.print(f"nothing is running from {home} (no {home / 'up.json'})")
+        raise typer.Exit(1)
+
+
+@app.command()
+def migrate(
+    database_url: Annotated[
+        str | None, typer.Option(envvar="DATABASE_URL", help="Defaults to the run directory's SQLite.")
+    ] = None,
+    home: HomeOption = Path(".tuneloop"),
+) -> None:
+    """Create or upgrade the database schema (idempotent)."""
+    from shared.db import upgrade
+
+    url = database_url or f"sqlite+aiosqlite:///{(home / 'tuneloop.db').resolve()}"
+    home.mkdir(parents=True, exist_ok=True)
+    upgrade(url)
+    console.print(f"schema is up to date: {url}")
+
+
+@app.command()
+def publish(
+    event_type: Annotated[str, typer.Argument(help="Event class name, e.g. DatasetReady.")],
+    payload: Annotated[Path, typer.Argument(help="JSON file with the event's fields ('-' = stdin).")],
+    nats_url: Annotated[str, typer.Option(envvar="TUNELOOP_NATS_URL")] = "nats://127.0.0.1:4222",
+    prefix: Annotated[str, typer.Option(envvar="TUNELOOP_SUBJECT_PREFIX")] = "tuneloop",
+) -> None:
+    """Validate an event against its schema and publish it (confirmed) to the pipeline stream."""
+    from pydantic import ValidationError
+
+    from shared.bus import BusSettings, EventBus
+    from shared.events import EVENT_TYPES
+
+    by_name = {t.__name__: t for t in EVENT_TYPES}
+    if event_type not in by_name:
+        raise typer.BadParameter(f"unknown event {event_type!r}; one of {sorted(by_name)}")
+    text = sys.stdin.read() if str(payload) == "-" else payload.read_text()
+    try:
+        event = by_name[event_type].model_validate_json(text)
+    except ValidationError as exc:
+        console.print(f"[red]invalid {event_type}:[/red]\n{exc}")
+        raise typer.Exit(2) from exc
+
+    async def go() -> None:
+        async with EventBus(BusSettings(nats_url=nats_url, prefix=prefix), service="cli") as bus:
+            ack = await bus.publish(event)
+            console.print(f"published {event_type} {event.event_id} as stream seq {ack.seq}"
+                          + (" (duplicate: already published)" if ack.duplicate else ""))
+
+    asyncio.run(go())
+
+
+@app.command()
+def schema(
+    event_type: Annotated[str | None, typer.Argument(help="One event; default: all.")] = None,
+) -> None:
+    """Print the JSON Schema of the pipeline events (with their subjects)."""
+    from shared.events import EVENT_TYPES
+
+    out = {
+        t.__name__: {"subject": f"tuneloop.{t.subject}", "schema": t.model_json_schema()}
+        for t in EVENT_TYPES
+        if event_type in (None, t.__name__)
+    }
+    if not out:
+        raise typer.BadParameter(f"unknown event {event_type!r}")
+    typer.echo(json.dumps(out, indent=2))
+
+
+@app.command("dead-letters")
+def dead_letters(
+    nats_url: Annotated[str, typer.Option(envvar="TUNELOOP_NATS_URL")] = "nats://127.0.0.1:4222",
+    prefix: Annotated[str, typer.Option(envvar="TUNELOOP_SUBJECT_PREFIX")] = "tuneloop",
+    limit: int = 50,
+) -> None:
+    """List dead-lettered messages with the reason each was given up on."""
+    import nats
+
+    from shared.bus import DLQ_CONSUMER_HEADER, DLQ_DELIVERIES_HEADER, DLQ_REASON_HEADER
+    from shared.subjects import Namespace
+
+    ns = Namespace(prefix)
+
+    async def go() -> None:
+        nc = await nats.connect(nats_url)
+        try:
+            js = nc.jetstream()
+            info = await js.stream_info(ns.dead_letter_stream)
+            first = max(info.state.first_seq, info.state.last_seq - limit + 1)
+            if info.state.messages == 0:
+                console.print("no dead letters.")
+            for seq in range(first, info.state.last_seq + 1):
+                msg = await js.get_msg(ns.dead_letter_stream, seq)
+                h = msg.headers or {}
+                typer.echo(
+                    f"#{seq} {msg.subject} consumer={h.get(DLQ_CONSUMER_HEADER)} "
+                    f"deliveries={h.get(DLQ_DELIVERIES_HEADER)}\n    {h.get(DLQ_REASON_HEADER)}"
+                )
+        finally:
+            await nc.close()
+
+    asyncio.run(go())
+
+
+def _register_service_commands() -> None:
+    for name in SERVICES:
+        try:
+            module = importlib.import_module(f"services.{name}.cli")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"services.{name}.cli":
+                continue
+            raise
+        module.register(app)
+
+
+_register_service_commands()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
