@@ -27,7 +27,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -118,10 +118,8 @@ class Delivery:
             yield
         finally:
             task.cancel()
-            try:
+            with suppress(asyncio.CancelledError):
                 await task
-            except asyncio.CancelledError:
-                pass
 
     async def _beat(self, period: float) -> None:
         while True:
@@ -163,7 +161,7 @@ class EventBus:
             settings.nats_url,
             # Keep trying forever: a broker restart must not need a service restart.
             max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
+            reconnect_time_wait=1,
             allow_reconnect=True,
             connect_timeout=5,
             # faststream's own access log goes through our logging setup (stderr, with ids).

@@ -110,7 +110,8 @@ def down(home: HomeOption = Path(".tuneloop")) -> None:
 @app.command()
 def migrate(
     database_url: Annotated[
-        str | None, typer.Option(envvar="DATABASE_URL", help="Defaults to the run directory's SQLite.")
+        str | None,
+        typer.Option(envvar="DATABASE_URL", help="Defaults to the run directory's SQLite."),
     ] = None,
     home: HomeOption = Path(".tuneloop"),
 ) -> None:
@@ -126,7 +127,9 @@ def migrate(
 @app.command()
 def publish(
     event_type: Annotated[str, typer.Argument(help="Event class name, e.g. DatasetReady.")],
-    payload: Annotated[Path, typer.Argument(help="JSON file with the event's fields ('-' = stdin).")],
+    payload: Annotated[
+        Path, typer.Argument(help="JSON file with the event's fields ('-' = stdin).")
+    ],
     nats_url: Annotated[str, typer.Option(envvar="TUNELOOP_NATS_URL")] = "nats://127.0.0.1:4222",
     prefix: Annotated[str, typer.Option(envvar="TUNELOOP_SUBJECT_PREFIX")] = "tuneloop",
 ) -> None:
@@ -149,8 +152,10 @@ def publish(
     async def go() -> None:
         async with EventBus(BusSettings(nats_url=nats_url, prefix=prefix), service="cli") as bus:
             ack = await bus.publish(event)
-            console.print(f"published {event_type} {event.event_id} as stream seq {ack.seq}"
-                          + (" (duplicate: already published)" if ack.duplicate else ""))
+            console.print(
+                f"published {event_type} {event.event_id} as stream seq {ack.seq}"
+                + (" (duplicate: already published)" if ack.duplicate else "")
+            )
 
     asyncio.run(go())
 

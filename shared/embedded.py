@@ -12,6 +12,7 @@ Every process listens on 127.0.0.1 on a free port.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -29,8 +30,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(port: int, *, timeout_s: float = 30.0, proc: subprocess.Popen[bytes] | None = None,
-                  what: str = "server") -> None:
+def wait_for_port(
+    port: int,
+    *,
+    timeout_s: float = 30.0,
+    proc: subprocess.Popen[bytes] | None = None,
+    what: str = "server",
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -140,13 +146,14 @@ class EmbeddedPostgres(_Process):
         return str(POSTGRES_BIN_PATH / name)
 
     def _run(self, args: list[str], timeout_s: float = 60.0) -> None:
-        kwargs: dict[str, object] = {}
-        if self._system_user:
-            kwargs["user"] = self._system_user
         subprocess.run(
-            args, check=True, timeout=timeout_s, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, **kwargs,  # type: ignore[arg-type]
-        )  # fmt: skip
+            args,
+            check=True,
+            timeout=timeout_s,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            user=self._system_user,
+        )
 
     def start(self) -> EmbeddedPostgres:
         if os.geteuid() == 0:
@@ -169,33 +176,46 @@ class EmbeddedPostgres(_Process):
             os.chown(self.data_dir, entry.pw_uid, entry.pw_gid)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if not (self.data_dir / "PG_VERSION").exists():
-            self._run([
-                self._bin("initdb"), "-D", str(self.data_dir), "--auth=trust",
-                "--encoding=utf8", "-U", self.user,
-            ])  # fmt: skip
+            self._run(
+                [
+                    self._bin("initdb"),
+                    "-D",
+                    str(self.data_dir),
+                    "--auth=trust",
+                    "--encoding=utf8",
+                    "-U",
+                    self.user,
+                ]
+            )
         self.resume()
         return self
 
     def resume(self) -> None:
         """Start (again) on the same data directory and port."""
         log = self.data_dir / "postgres.log"
-        self._run([
-            self._bin("pg_ctl"), "-D", str(self.data_dir), "-w", "-l", str(log),
-            "-o", f"-h 127.0.0.1 -p {self.port} -k '' -c fsync=on -c max_connections=200",
-            "start",
-        ])  # fmt: skip
+        self._run(
+            [
+                self._bin("pg_ctl"),
+                "-D",
+                str(self.data_dir),
+                "-w",
+                "-l",
+                str(log),
+                "-o",
+                f"-h 127.0.0.1 -p {self.port} -k '' -c fsync=on -c max_connections=200",
+                "start",
+            ]
+        )
         wait_for_port(self.port, what="postgres")
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if not (self.data_dir / "postmaster.pid").exists():
             return
-        try:
+        with contextlib.suppress(subprocess.CalledProcessError):
             self._run(
                 [self._bin("pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "stop"],
                 timeout_s=timeout_s + 20,
             )
-        except subprocess.CalledProcessError:
-            pass
 
 
 class GcsEmulator(_Process):
@@ -212,9 +232,15 @@ class GcsEmulator(_Process):
 
     def start(self) -> GcsEmulator:
         args = [
-            venv_bin("gcp-storage-emulator"), "start", "--host", "127.0.0.1",
-            "--port", str(self.port), "--in-memory", "--quiet",
-        ]  # fmt: skip
+            venv_bin("gcp-storage-emulator"),
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--in-memory",
+            "--quiet",
+        ]
         self._spawn(args, self.log_path)
         wait_for_port(self.port, proc=self.proc, what="gcp-storage-emulator")
         return self

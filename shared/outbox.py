@@ -13,14 +13,15 @@ the same transaction as the effect; a redelivered event finds its key and does n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Column, Integer, String, Text, select, update
+from sqlalchemy import Column, Integer, String, Text, func, update
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Field, SQLModel
+from sqlmodel import Field, SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from shared.bus import EVENT_TYPE_HEADER, EventBus, PublishError
@@ -72,7 +73,9 @@ def record_event(session: AsyncSession, event: Event, *, service: str, ns: Names
             event_type=type(event).__name__,
             run_id=event.run_id,
             payload=event.model_dump_json(),
-            headers=json.dumps({**inject_trace_headers({}), EVENT_TYPE_HEADER: type(event).__name__}),
+            headers=json.dumps(
+                {**inject_trace_headers({}), EVENT_TYPE_HEADER: type(event).__name__}
+            ),
             created_at=utcnow(),
         )
     )
@@ -112,10 +115,8 @@ class OutboxRelay:
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
 
     async def _run(self) -> None:
@@ -127,35 +128,33 @@ class OutboxRelay:
                 published = 0
             if published:
                 continue
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval_s)
-            except TimeoutError:
-                pass
             self._wake.clear()
 
     async def pending(self) -> int:
         async with self.db.session() as session:
-            rows = await session.exec(  # type: ignore[call-overload]
-                select(OutboxMessage.id).where(
-                    OutboxMessage.service == self.service,
-                    OutboxMessage.published_at.is_(None),  # type: ignore[union-attr]
+            result = await session.exec(
+                select(func.count()).where(
+                    col(OutboxMessage.service) == self.service,
+                    col(OutboxMessage.published_at).is_(None),
                 )
             )
-            return len(rows.all())
+            return int(result.one())
 
     async def drain(self) -> int:
         """Publish every pending row once; returns how many were published."""
         async with self.db.session() as session:
-            result = await session.exec(  # type: ignore[call-overload]
+            result = await session.exec(
                 select(OutboxMessage)
                 .where(
-                    OutboxMessage.service == self.service,
-                    OutboxMessage.published_at.is_(None),  # type: ignore[union-attr]
+                    col(OutboxMessage.service) == self.service,
+                    col(OutboxMessage.published_at).is_(None),
                 )
-                .order_by(OutboxMessage.id)  # type: ignore[arg-type]
+                .order_by(col(OutboxMessage.id))
                 .limit(self.batch_size)
             )
-            rows: list[OutboxMessage] = list(result.scalars().all())
+            rows = list(result.all())
         count = 0
         for row in rows:
             try:
@@ -174,19 +173,19 @@ class OutboxRelay:
 
     async def _mark_published(self, row: OutboxMessage) -> None:
         async with self.db.session() as session:
-            await session.exec(  # type: ignore[call-overload]
+            await session.execute(
                 update(OutboxMessage)
-                .where(OutboxMessage.id == row.id)  # type: ignore[arg-type]
-                .values(published_at=utcnow(), attempts=OutboxMessage.attempts + 1)
+                .where(col(OutboxMessage.id) == row.id)
+                .values(published_at=utcnow(), attempts=col(OutboxMessage.attempts) + 1)
             )
 
     async def _mark_failed(self, row: OutboxMessage, exc: Exception) -> None:
         try:
             async with self.db.session() as session:
-                await session.exec(  # type: ignore[call-overload]
+                await session.execute(
                     update(OutboxMessage)
-                    .where(OutboxMessage.id == row.id)  # type: ignore[arg-type]
-                    .values(attempts=OutboxMessage.attempts + 1, last_error=repr(exc)[:2000])
+                    .where(col(OutboxMessage.id) == row.id)
+                    .values(attempts=col(OutboxMessage.attempts) + 1, last_error=repr(exc)[:2000])
                 )
         except Exception:  # the DB may be what is down; the row stays pending either way
             log.debug("could not record publish failure", exc_info=True)

@@ -115,8 +115,9 @@ async def run_service(runtime: ServiceRuntime, *, host: str = "127.0.0.1", port:
     server: uvicorn.Server | None = None
     serve_task: asyncio.Task[None] | None = None
     if port >= 0:
-        config = uvicorn.Config(runtime.http, host=host, port=port, log_level="warning",
-                                lifespan="off")  # fmt: skip
+        config = uvicorn.Config(
+            runtime.http, host=host, port=port, log_level="warning", lifespan="off"
+        )
         server = uvicorn.Server(config)
         serve_task = asyncio.create_task(server.serve())
     try:

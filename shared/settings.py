@@ -9,7 +9,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.bus import BusSettings
 
-DEV_ADMIN_KEY = "tl-dev-admin-key"  # noqa: S105  (refused outside dev mode)
+DEV_ADMIN_KEY = "tl-dev-admin-key"
 
 
 class CommonSettings(BaseSettings):

@@ -277,8 +277,14 @@ class ArtifactStore:
             if rel == MANIFEST_NAME:
                 continue
             ref = self.put_file_sync(path, kind=f"{kind}-files", name=path.name)
-            files.append({"path": safe_key(rel), "uri": ref.uri, "sha256": ref.sha256,
-                          "size_bytes": ref.size_bytes})  # fmt: skip
+            files.append(
+                {
+                    "path": safe_key(rel),
+                    "uri": ref.uri,
+                    "sha256": ref.sha256,
+                    "size_bytes": ref.size_bytes,
+                }
+            )
         manifest = json.dumps({"kind": kind, "files": files}, indent=1, sort_keys=True).encode()
         with tempfile.TemporaryDirectory() as tmp:
             mpath = Path(tmp) / MANIFEST_NAME
@@ -298,8 +304,9 @@ class ArtifactStore:
             target = (root / safe_key(entry["path"])).resolve()
             if not target.is_relative_to(root):
                 raise UnsafeKey(f"manifest entry {entry['path']!r} escapes {dest}")
-            file_ref = ArtifactRef(uri=entry["uri"], sha256=entry["sha256"],
-                                   size_bytes=entry["size_bytes"])  # fmt: skip
+            file_ref = ArtifactRef(
+                uri=entry["uri"], sha256=entry["sha256"], size_bytes=entry["size_bytes"]
+            )
             if target.is_file() and sha256_file(target) == (file_ref.sha256, file_ref.size_bytes):
                 continue
             self.get_file_sync(file_ref, target)

@@ -10,6 +10,7 @@ lets ``tuneloop down`` stop exactly what this started.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -47,9 +48,13 @@ class Supervised:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            self.args,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
             start_new_session=True,
-        )  # fmt: skip
+        )
         log.close()
 
 
@@ -115,8 +120,11 @@ class Embedded:
             "artifact_store_url": self.env.get("TUNELOOP_ARTIFACT_STORE_URL"),
             "span_file": self.env.get("TUNELOOP_SPAN_FILE"),
             "services": {
-                c.name: {"pid": c.proc.pid if c.proc else None, "http_port": c.http_port,
-                         "log": str(c.log_path)}  # fmt: skip
+                c.name: {
+                    "pid": c.proc.pid if c.proc else None,
+                    "http_port": c.http_port,
+                    "log": str(c.log_path),
+                }
                 for c in self.children
             },
             "infra_pids": [p.proc.pid for p in (self.nats,) if p and p.proc],
@@ -174,15 +182,11 @@ def stop_from_state(home: Path) -> bool:
         # The supervisor is gone: stop what it left behind, and only that.
         for svc in state["services"].values():
             if svc.get("pid"):
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(int(svc["pid"]), signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
         for infra_pid in state.get("infra_pids", []):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(int(infra_pid), signal.SIGTERM)
-            except ProcessLookupError:
-                pass
         path.unlink(missing_ok=True)
         return True
     for _ in range(300):

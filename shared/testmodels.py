@@ -66,8 +66,15 @@ def build_tiny_model(
 ) -> Path:
     """Write a tiny random-init Llama model with its tokenizer to ``dest`` (cached)."""
     marker = dest / "tuneloop-model.json"
-    spec = {"version": TINY_VERSION, "seed": seed, "hidden_size": hidden_size, "layers": layers,
-            "heads": heads, "vocab_size": vocab_size, "max_positions": max_positions}  # fmt: skip
+    spec = {
+        "version": TINY_VERSION,
+        "seed": seed,
+        "hidden_size": hidden_size,
+        "layers": layers,
+        "heads": heads,
+        "vocab_size": vocab_size,
+        "max_positions": max_positions,
+    }
     if marker.exists() and json.loads(marker.read_text()) == spec:
         return dest
     if hidden_size // heads < 32:
@@ -116,7 +123,7 @@ def build_tiny_model(
         eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id,
         tie_word_embeddings=False,
-        torch_dtype="float32",
+        dtype="float32",
     )
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = fast.eos_token_id
@@ -163,7 +170,7 @@ def import_smollm2(dest: Path) -> Path:
         del config.quantization_config
     model = LlamaForCausalLM(config)
     model.load_state_dict(loaded.state_dict())
-    model.to(torch.float32)
+    model = model.float()
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / "tuneloop-model.json").write_text(json.dumps(spec))

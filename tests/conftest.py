@@ -82,8 +82,9 @@ async def _postgres_database(postgres: EmbeddedPostgres) -> str:
     import asyncpg
 
     name = f"t_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(host="127.0.0.1", port=postgres.port, user="postgres",
-                                 database="postgres")  # fmt: skip
+    conn = await asyncpg.connect(
+        host="127.0.0.1", port=postgres.port, user="postgres", database="postgres"
+    )
     try:
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:

@@ -1,9 +1,9 @@
 """Child processes for integration tests that need a real process boundary (kill, tracing).
 
-    python -m tests.integration.procs consumer NATS_URL PREFIX DB_URL MARKER_DIR slow|fast
-    python -m tests.integration.procs outbox-crash NATS_URL PREFIX DB_URL
-    python -m tests.integration.procs publish NATS_URL PREFIX SERVICE
-    python -m tests.integration.procs consume-one NATS_URL PREFIX SERVICE
+python -m tests.integration.procs consumer NATS_URL PREFIX DB_URL MARKER_DIR slow|fast
+python -m tests.integration.procs outbox-crash NATS_URL PREFIX DB_URL
+python -m tests.integration.procs publish NATS_URL PREFIX SERVICE
+python -m tests.integration.procs consume-one NATS_URL PREFIX SERVICE
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from shared.telemetry import current_trace_id, setup_telemetry, tracer
 
 
 def settings(nats_url: str, prefix: str) -> BusSettings:
-    return BusSettings(nats_url=nats_url, prefix=prefix, ack_wait_s=1.5, max_deliver=5,
-                       backoff_s=(0.2,))  # fmt: skip
+    return BusSettings(
+        nats_url=nats_url, prefix=prefix, ack_wait_s=1.5, max_deliver=5, backoff_s=(0.2,)
+    )
 
 
 async def consumer(nats_url: str, prefix: str, db_url: str, marker_dir: str, mode: str) -> None:
@@ -57,8 +58,9 @@ async def consumer(nats_url: str, prefix: str, db_url: str, marker_dir: str, mod
 
 async def outbox_crash(nats_url: str, prefix: str, db_url: str) -> None:
     db = Database(db_url)
-    event = DatasetSubmitted(run_id="run-crash", producer="crasher", dataset_name="c",
-                             files=["file:///c"])  # fmt: skip
+    event = DatasetSubmitted(
+        run_id="run-crash", producer="crasher", dataset_name="c", files=["file:///c"]
+    )
     async with db.session() as session:
         record_event(session, event, service="crasher", ns=Namespace(prefix))
     print(event.event_id, flush=True)
@@ -70,8 +72,11 @@ async def publish(nats_url: str, prefix: str, service: str) -> None:
     setup_telemetry(service)
     async with EventBus(settings(nats_url, prefix), service=service) as bus:
         with tracer("test").start_as_current_span("upload"):
-            await bus.publish(DatasetSubmitted(run_id="run-trace", producer=service,
-                                               dataset_name="t", files=["file:///t"]))  # fmt: skip
+            await bus.publish(
+                DatasetSubmitted(
+                    run_id="run-trace", producer=service, dataset_name="t", files=["file:///t"]
+                )
+            )
             print(current_trace_id(), flush=True)
 
 
@@ -92,6 +97,10 @@ async def consume_one(nats_url: str, prefix: str, service: str) -> None:
 
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
-    runner = {"consumer": consumer, "outbox-crash": outbox_crash, "publish": publish,
-              "consume-one": consume_one}[command]  # fmt: skip
+    runner = {
+        "consumer": consumer,
+        "outbox-crash": outbox_crash,
+        "publish": publish,
+        "consume-one": consume_one,
+    }[command]
     asyncio.run(runner(*args))  # type: ignore[operator]

@@ -34,9 +34,7 @@ async def test_consumer_killed_mid_work_is_redelivered_and_effect_happens_once(
     bus_settings, db, database_url, tmp_path
 ):
     async with db.session() as session:
-        await session.execute(
-            text("CREATE TABLE test_effects (event_id VARCHAR(64), pid INTEGER)")
-        )
+        await session.execute(text("CREATE TABLE test_effects (event_id VARCHAR(64), pid INTEGER)"))
     markers = tmp_path / "markers"
     markers.mkdir()
     url, prefix = bus_settings.nats_url, bus_settings.prefix
@@ -44,12 +42,11 @@ async def test_consumer_killed_mid_work_is_redelivered_and_effect_happens_once(
     try:
         await eventually(lambda: list(markers.glob("ready-*")), what="consumer ready")
         async with EventBus(bus_settings, service="producer") as producer:
-            event = DatasetSubmitted(run_id="r", producer="p", dataset_name="k",
-                                     files=["file:///k"])  # fmt: skip
+            event = DatasetSubmitted(
+                run_id="r", producer="p", dataset_name="k", files=["file:///k"]
+            )
             await producer.publish(event)
-        await eventually(
-            lambda: (markers / f"committed-{first.pid}").exists(), what="first commit"
-        )
+        await eventually(lambda: (markers / f"committed-{first.pid}").exists(), what="first commit")
         first.kill()  # SIGKILL after the effect committed, before the ack
         first.wait()
         second = spawn("consumer", url, prefix, database_url, str(markers), "fast")
@@ -117,8 +114,12 @@ async def test_relay_keeps_rows_while_broker_is_unreachable(db, nats_server, pre
 
     ns = Namespace(prefix)
     async with db.session() as session:
-        record_event(session, DatasetSubmitted(run_id="r", producer="p", dataset_name="d",
-                                               files=["file:///d"]), service="s", ns=ns)  # fmt: skip
+        record_event(
+            session,
+            DatasetSubmitted(run_id="r", producer="p", dataset_name="d", files=["file:///d"]),
+            service="s",
+            ns=ns,
+        )
     settings = BusSettings(nats_url=nats_server.url, prefix=prefix, publish_timeout_s=0.5)
     bus = EventBus(settings, service="s")
     await bus.broker.connect()  # connected, but the stream was never created
@@ -139,9 +140,7 @@ async def _pending_is(relay: OutboxRelay, n: int) -> bool:
     return await relay.pending() == n
 
 
-async def test_one_trace_id_across_publish_and_consume_in_two_processes(
-    bus_settings, span_file
-):
+async def test_one_trace_id_across_publish_and_consume_in_two_processes(bus_settings, span_file):
     url, prefix = bus_settings.nats_url, bus_settings.prefix
     # Create the streams first so the consumer can attach before the publish.
     async with EventBus(bus_settings, service="setup"):

@@ -41,9 +41,7 @@ def upgrade() -> None:
         sa.Column("feedback_at", UTCDateTime()),
         sa.Column("trace_id", sa.String(32)),
     )
-    op.create_index(
-        "ix_gateway_interactions_created", "gateway_interactions", ["created_at", "id"]
-    )
+    op.create_index("ix_gateway_interactions_created", "gateway_interactions", ["created_at", "id"])
 
 
 def downgrade() -> None:
