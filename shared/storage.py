@@ -17,10 +17,11 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
@@ -62,17 +63,26 @@ def safe_key(key: str) -> str:
         raise UnsafeKey(f"artifact key must be 1-1024 characters, got {len(key)}")
     if key.startswith("/") or "\\" in key or any(ord(c) < 32 for c in key):
         raise UnsafeKey(f"unsafe artifact key {key!r}")
-    parts = PurePosixPath(key).parts
-    if any(p in ("..", ".", "") for p in parts) or "//" in key:
+    if any(p in ("..", ".", "") for p in key.split("/")):
         raise UnsafeKey(f"unsafe artifact key {key!r}: no '.', '..' or empty segments")
     return key
 
 
+_KIND_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
 def safe_name(name: str) -> str:
-    name = name.strip().replace("/", "_").replace("\\", "_")
-    if name in ("", ".", ".."):
+    """Flatten a file name into one harmless path segment (no separators, no leading dots)."""
+    flat = name.strip().replace("/", "_").replace("\\", "_").lstrip(".")
+    if not flat or any(ord(c) < 32 for c in flat):
         raise UnsafeKey(f"unsafe artifact name {name!r}")
-    return name
+    return flat[:200]
+
+
+def safe_kind(kind: str) -> str:
+    if not _KIND_RE.match(kind):
+        raise UnsafeKey(f"artifact kind {kind!r} must match {_KIND_RE.pattern}")
+    return kind
 
 
 class Backend(ABC):
@@ -221,7 +231,7 @@ class ArtifactStore:
 
     def put_file_sync(self, path: Path, *, kind: str, name: str | None = None) -> ArtifactRef:
         digest, size = sha256_file(path)
-        key = safe_key(f"{safe_name(kind)}/{digest}/{safe_name(name or path.name)}")
+        key = safe_key(f"{safe_kind(kind)}/{digest}/{safe_name(name or path.name)}")
         if not self.backend.exists(key):
             self.backend.upload(path, key)
         return ArtifactRef(uri=self.backend.uri(key), sha256=digest, size_bytes=size)
@@ -269,6 +279,7 @@ class ArtifactStore:
     # ---------------------------------------------------------------- directories
 
     def put_dir_sync(self, directory: Path, *, kind: str) -> ArtifactRef:
+        safe_kind(kind)
         if not directory.is_dir():
             raise ArtifactError(f"{directory} is not a directory")
         files = []
