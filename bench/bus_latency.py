@@ -23,10 +23,10 @@ import nats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shared.bus import BusSettings, Delivery, EventBus  # noqa: E402
-from shared.embedded import NatsServer  # noqa: E402
-from shared.events import DatasetSubmitted  # noqa: E402
-from shared.subjects import Namespace  # noqa: E402
+from shared.bus import BusSettings, Delivery, EventBus
+from shared.embedded import NatsServer
+from shared.events import DatasetSubmitted
+from shared.subjects import Namespace
 
 
 def pct(values: list[float], q: float) -> float:
@@ -35,8 +35,9 @@ def pct(values: list[float], q: float) -> float:
 
 
 def make_event(i: int) -> DatasetSubmitted:
-    return DatasetSubmitted(run_id=f"run-{i}", producer="bench", dataset_name=f"d{i}",
-                            files=[f"file:///data/{i}.jsonl"])  # fmt: skip
+    return DatasetSubmitted(
+        run_id=f"run-{i}", producer="bench", dataset_name=f"d{i}", files=[f"file:///data/{i}.jsonl"]
+    )
 
 
 async def measure(
@@ -58,8 +59,12 @@ async def measure(
     while len(arrivals) < base + burst:
         await asyncio.sleep(0.001)
     elapsed = time.perf_counter() - start
-    return {"p50_ms": statistics.median(latencies), "p99_ms": pct(latencies, 99),
-            "mean_ms": statistics.fmean(latencies), "msgs_per_s": burst / elapsed}  # fmt: skip
+    return {
+        "p50_ms": statistics.median(latencies),
+        "p99_ms": pct(latencies, 99),
+        "mean_ms": statistics.fmean(latencies),
+        "msgs_per_s": burst / elapsed,
+    }
 
 
 async def bench_bus(url: str, messages: int, burst: int) -> dict[str, float]:
@@ -104,8 +109,12 @@ async def bench_raw(url: str, messages: int, burst: int) -> dict[str, float]:
 
     async def publish(i: int) -> None:
         event = make_event(i)
-        await js.publish(subject, event.model_dump_json().encode(), stream=ns.stream,
-                         headers={"Nats-Msg-Id": event.msg_id})  # fmt: skip
+        await js.publish(
+            subject,
+            event.model_dump_json().encode(),
+            stream=ns.stream,
+            headers={"Nats-Msg-Id": event.msg_id},
+        )
 
     try:
         return await measure(publish, arrivals, messages, burst)
@@ -128,8 +137,12 @@ async def main() -> None:
             server.stop()
     print(f"\nbus latency: {args.messages} sequential messages, {args.burst}-message burst")
     print(f"{'':<22}{'raw nats-py':>14}{'shared/bus.py':>16}{'ratio':>8}")
-    for key, label in (("p50_ms", "p50 latency (ms)"), ("p99_ms", "p99 latency (ms)"),
-                       ("mean_ms", "mean latency (ms)"), ("msgs_per_s", "throughput (msg/s)")):  # fmt: skip
+    for key, label in (
+        ("p50_ms", "p50 latency (ms)"),
+        ("p99_ms", "p99 latency (ms)"),
+        ("mean_ms", "mean latency (ms)"),
+        ("msgs_per_s", "throughput (msg/s)"),
+    ):
         ratio = bus[key] / raw[key] if raw[key] else float("nan")
         print(f"{label:<22}{raw[key]:>14.2f}{bus[key]:>16.2f}{ratio:>8.2f}")
     print("target: latency ratio <= 1.2")
