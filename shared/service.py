@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Response
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -46,6 +47,8 @@ class ServiceRuntime:
         )
         self.relay = OutboxRelay(self.db, self.bus, service=name)
         self.http = FastAPI(title=f"tuneloop {name}", version="0.1.0")
+        # Incoming traceparent headers continue the caller's trace (e.g. an upload's).
+        FastAPIInstrumentor.instrument_app(self.http, excluded_urls="healthz,readyz,metrics")
         self._add_health_routes()
         self._started = False
 
