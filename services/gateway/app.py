@@ -1,0 +1,143 @@
+"""Gateway service: wires the runtime (DB, bus, outbox, health/metrics), the route state, the
+event handlers, the admin API and the ASGI proxy; ``main()`` serves it with uvicorn
+(httptools + uvloop when installed).
+
+Run alone: ``python -m services.gateway.app`` (port from ``GATEWAY_HTTP_PORT``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+from typing import Any
+
+from services.gateway import admin
+from services.gateway.control import GatewayState
+from services.gateway.handlers import on_evaluation_completed, on_model_deployed, probe_upstream
+from services.gateway.keys import create_key, list_keys
+from services.gateway.proxy import ProxyApp
+from services.gateway.settings import GatewaySettings
+from shared.bus import Delivery
+from shared.embedded import free_port
+from shared.events import EvaluationCompleted, ModelDeployed
+from shared.service import ServiceRuntime
+from shared.settings import CommonSettings
+
+log = logging.getLogger(__name__)
+
+
+class GatewayService:
+    def __init__(
+        self,
+        settings: GatewaySettings | None = None,
+        common: CommonSettings | None = None,
+        *,
+        probe: Any = probe_upstream,
+    ) -> None:
+        self.settings = settings or GatewaySettings()
+        self.runtime = ServiceRuntime("gateway", common)
+        self.state = GatewayState(
+            self.settings,
+            self.runtime.db,
+            self.runtime,
+            admin_key=self.runtime.common.admin_key.get_secret_value(),
+        )
+        self.probe = probe
+        admin.install(self.runtime.http, self.state)
+        self.asgi = ProxyApp(self.state, self.runtime.http)
+        self.runtime.bus.subscribe(ModelDeployed, self._on_deployed)
+        self.runtime.bus.subscribe(EvaluationCompleted, self._on_evaluated)
+        self.dev_key: str | None = None
+        self.port: int | None = None
+
+    async def _on_deployed(self, event: ModelDeployed, delivery: Delivery) -> None:
+        await on_model_deployed(event, state=self.state, probe=self.probe)
+
+    async def _on_evaluated(self, event: EvaluationCompleted, delivery: Delivery) -> None:
+        await on_evaluation_completed(event, state=self.state)
+
+    async def start(self) -> None:
+        await self.runtime.start()
+        await self.state.start()
+        if self.runtime.common.dev_mode and self.settings.dev_client_key:
+            async with self.runtime.db.session() as session:
+                if not await list_keys(session):
+                    created = await create_key(session, name="dev", scopes={"client"})
+                    self.dev_key = created.key
+            if self.dev_key:
+                self.state.keys.add(self.dev_key, created.info)
+                # Dev mode only: the one time this key is ever shown.
+                print(f"gateway dev mode: client API key {self.dev_key}", flush=True)
+
+    async def stop(self) -> None:
+        await self.state.stop()
+        await self.runtime.stop()
+
+    @contextlib.asynccontextmanager
+    async def serving(self, host: str | None = None, port: int | None = None) -> AsyncIterator[int]:
+        """Start everything and serve HTTP until the block ends; yields the port."""
+        import uvicorn
+
+        await self.start()
+        self.port = port or self.settings.http_port or free_port()
+        config = uvicorn.Config(
+            self.asgi,
+            host=host or self.settings.http_host,
+            port=self.port,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+            http=_http_impl(),
+            timeout_keep_alive=75,
+            backlog=4096,
+        )
+        server = uvicorn.Server(config)
+        task = asyncio.create_task(server.serve())
+        try:
+            while not server.started:
+                if task.done():
+                    task.result()
+                    raise RuntimeError("gateway HTTP server stopped during start-up")
+                await asyncio.sleep(0.01)
+            yield self.port
+        finally:
+            server.should_exit = True
+            with contextlib.suppress(Exception):
+                await task
+            await self.stop()
+
+
+def _http_impl() -> str:
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        return "h11"
+    return "httptools"
+
+
+async def serve() -> None:
+    service = GatewayService()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    async with service.serving() as port:
+        log.info("gateway listening on %s:%s", service.settings.http_host, port)
+        await stop.wait()
+
+
+def main() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve())
+    else:
+        uvloop.run(serve())
+
+
+if __name__ == "__main__":
+    main()

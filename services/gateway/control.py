@@ -1,0 +1,297 @@
+"""The gateway's live state and the loops that keep it right.
+
+- Route table and keys, rebuilt from the DB when it changes (``sync_once``, every
+  ``sync_interval_s``): a restart or a second replica converges on the same routes.
+- The canary controller (``control_once``, every ``control_interval_s`` and at once after a
+  canary failure): feeds live stats to :func:`routing.policy.decide` and applies the result as
+  a conditional DB transition with its ``RolloutChanged`` event (outbox).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime
+from typing import Any, Protocol
+
+from prometheus_client import Counter, Gauge
+from sqlalchemy import func
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from services.gateway.capture import CaptureRecord, CaptureSink
+from services.gateway.keys import KeyInfo, KeyRing, RateLimiter
+from services.gateway.models import GatewayDeployment
+from services.gateway.routing import state as route_state
+from services.gateway.routing.policy import Slo, decide
+from services.gateway.routing.stats import LiveStats
+from services.gateway.routing.table import Route, Upstream
+from services.gateway.settings import GatewaySettings
+from shared.db import Database, utcnow
+from shared.events import Event, RolloutChanged
+
+log = logging.getLogger(__name__)
+
+ROLLOUTS = Counter("gateway_rollout_changes_total", "Rollout transitions made here", ["action"])
+CANARY_WEIGHT = Gauge("gateway_canary_weight", "Current canary share", ["model"])
+ROUTED_STATES = ("stable", "canary")
+
+
+class Outbox(Protocol):
+    """What the state needs to record transitions (``ServiceRuntime`` is one)."""
+
+    def transaction(self) -> AbstractAsyncContextManager[AsyncSession]: ...
+
+    def emit(self, session: AsyncSession, event: Event) -> None: ...
+
+
+class GatewayState:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        db: Database,
+        outbox: Outbox,
+        *,
+        admin_key: str | None,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.outbox = outbox
+        self.routes: dict[str, Route] = {}
+        self.rows: dict[str, GatewayDeployment] = {}
+        self.upstreams: dict[str, Upstream] = {}
+        self.keys = KeyRing(admin_key)
+        self.limiter = RateLimiter(settings.default_rpm, settings.default_tpm)
+        self.stats = LiveStats(settings.stats_window)
+        self.slo = Slo(
+            max_error_rate_increase=settings.slo_max_error_rate_increase,
+            max_p95_ratio=settings.slo_max_p95_ratio,
+            p95_slack_ms=settings.slo_p95_slack_ms,
+            min_samples=settings.slo_min_samples,
+        )
+        self.capture = CaptureSink(
+            db,
+            enabled=settings.enable_data_collection,
+            queue_size=settings.capture_queue_size,
+            batch_size=settings.capture_batch_size,
+            flush_s=settings.capture_flush_s,
+            max_text_chars=settings.capture_max_text_chars,
+            charge_tokens=self.limiter.charge_tokens,
+        )
+        self._routes_version: tuple[Any, ...] | None = None
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.canary_ids: frozenset[str] = frozenset()
+
+    # ------------------------------------------------------------------ hot-path hooks
+
+    def record_outcome(
+        self, deployment_id: str, step: int, ok: bool, latency_ms: float | None
+    ) -> None:
+        self.stats.record(deployment_id, step, ok, latency_ms)
+        if not ok and deployment_id in self.canary_ids:
+            self._wake.set()  # judge the canary now, not at the next tick
+
+    def wants_capture(self, key: KeyInfo) -> bool:
+        return self.capture.enabled or bool(key.tpm or self.limiter.default_tpm)
+
+    def capture_offer(self, record: CaptureRecord) -> None:
+        self.capture.offer(record)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        await self.sync_once(force=True)
+        self.capture.start()
+        self._tasks = [
+            asyncio.create_task(self._loop(self.sync_once, self.settings.sync_interval_s, False)),
+            asyncio.create_task(
+                self._loop(self.control_once, self.settings.control_interval_s, True)
+            ),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        await self.capture.stop()
+        for upstream in self.upstreams.values():
+            await upstream.close()
+
+    async def _loop(self, step: Callable[[], Any], interval: float, wakeable: bool) -> None:
+        while True:
+            try:
+                await step()
+            except Exception:
+                log.exception("%s failed; retrying", getattr(step, "__name__", step))
+            if wakeable:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), interval)
+                self._wake.clear()
+            else:
+                await asyncio.sleep(interval)
+
+    # ------------------------------------------------------------------ sync from the DB
+
+    async def sync_once(self, force: bool = False) -> bool:
+        """Reload routes and keys if their tables changed. Returns whether routes changed."""
+        async with self.db.session() as session:
+            await self.keys.reload(session, force=force)
+            result = await session.exec(
+                select(func.count(), func.max(col(GatewayDeployment.updated_at)))  # type: ignore[call-overload]
+            )
+            count, newest = result.one()
+            version = (int(count), newest.isoformat() if isinstance(newest, datetime) else newest)
+            if version == self._routes_version and not force:
+                return False
+            rows = await route_state.all_deployments(session)
+        self._routes_version = version
+        await self._rebuild(rows)
+        return True
+
+    async def _rebuild(self, rows: list[GatewayDeployment]) -> None:
+        s = self.settings
+        keep: dict[str, Upstream] = {}
+        by_model: dict[str, list[GatewayDeployment]] = {}
+        for row in rows:
+            by_model.setdefault(row.served_model_name, []).append(row)
+            if row.state in ROUTED_STATES or row.pinned:
+                up = self.upstreams.get(row.deployment_id)
+                if up is None or up.endpoint != row.endpoint:
+                    if up is not None:
+                        await up.close()
+                    up = Upstream(
+                        row,
+                        pool_size=s.upstream_pool_size,
+                        connect_timeout_s=s.upstream_connect_timeout_s,
+                        breaker_failures=s.breaker_failures,
+                        breaker_cooldown_s=s.breaker_cooldown_s,
+                    )
+                up.refresh(row)
+                keep[row.deployment_id] = up
+        routes: dict[str, Route] = {}
+        canaries: set[str] = set()
+        for name, model_rows in by_model.items():
+            stable = next((r for r in model_rows if r.state == "stable"), None)
+            canary = next((r for r in model_rows if r.state == "canary"), None)
+            pinned = next((r for r in model_rows if r.pinned), None)
+            if stable is None and canary is None and pinned is None:
+                continue
+            if canary is not None:
+                canaries.add(canary.deployment_id)
+            routes[name] = Route(
+                served_model_name=name,
+                stable=keep[stable.deployment_id] if stable else None,
+                canary=keep[canary.deployment_id] if canary else None,
+                canary_weight=canary.weight if canary else 0.0,
+                canary_step=canary.step if canary else 0,
+                pinned=keep[pinned.deployment_id] if pinned else None,
+            )
+            CANARY_WEIGHT.labels(name).set(canary.weight if canary else 0.0)
+        for dep_id, up in self.upstreams.items():
+            if dep_id not in keep:
+                await up.close()
+                self.stats.forget(dep_id)
+        self.upstreams = keep
+        self.rows = {r.deployment_id: r for r in rows}
+        self.routes = routes  # one assignment: requests see the old or the new table
+        self.canary_ids = frozenset(canaries)
+
+    @contextlib.asynccontextmanager
+    async def changing(self) -> AsyncIterator[AsyncSession]:
+        """A transaction whose route changes apply here at once (others see them next sync)."""
+        async with self.outbox.transaction() as session:
+            yield session
+        await self.sync_once(force=True)
+
+    async def emit_all(self, session: AsyncSession, events: list[RolloutChanged]) -> None:
+        for event in events:
+            self.outbox.emit(session, event)
+            ROLLOUTS.labels(event.action).inc()
+            log.info(
+                "rollout %s: %s %s at %.0f%% (%s)",
+                event.served_model_name,
+                event.deployment_id,
+                event.action,
+                event.weight * 100,
+                event.reason,
+            )
+
+    # ------------------------------------------------------------------ canary control
+
+    def live_stats(self, deployment_id: str) -> dict[str, float]:
+        row = self.rows.get(deployment_id)
+        if row is None:
+            return {}
+        step = row.step if row.state == "canary" else -1
+        return self.stats.get(deployment_id, step).as_dict()
+
+    async def control_once(self) -> list[RolloutChanged]:
+        """Judge every canary once; apply and return the transitions this replica won."""
+        done: list[RolloutChanged] = []
+        steps = self.settings.canary_steps
+        for route in list(self.routes.values()):
+            canary = route.canary
+            if canary is None or route.pinned is not None:
+                continue
+            row = self.rows.get(canary.deployment_id)
+            if row is None or row.state != "canary":
+                continue
+            canary_stats = self.stats.get(canary.deployment_id, row.step)
+            stable_stats = (
+                self.stats.get(route.stable.deployment_id, -1) if route.stable else canary_stats
+            )
+            started = row.step_started_at or row.updated_at
+            decision = decide(
+                canary=canary_stats,
+                stable=stable_stats,
+                step=row.step,
+                steps=steps,
+                step_age_s=(utcnow() - started).total_seconds(),
+                min_requests=self.settings.step_min_requests,
+                min_seconds=self.settings.step_min_seconds,
+                slo=self.slo,
+                auto=row.auto,
+                circuit_open=canary.breaker.is_open,
+            )
+            if decision.action == "hold":
+                continue
+            metrics = {f"canary_{k}": v for k, v in canary_stats.as_dict().items()}
+            metrics.update({f"stable_{k}": v for k, v in stable_stats.as_dict().items()})
+            async with self.changing() as session:
+                if decision.action == "rollback":
+                    events = await route_state.rollback(
+                        session,
+                        row.deployment_id,
+                        expected_step=row.step,
+                        reason=decision.reason,
+                        metrics=metrics,
+                    )
+                elif decision.action == "promote":
+                    events = await route_state.promote(
+                        session,
+                        row.deployment_id,
+                        expected_step=row.step,
+                        reason=decision.reason,
+                        metrics=metrics,
+                    )
+                else:
+                    assert decision.next_step is not None
+                    events = await route_state.advance(
+                        session,
+                        row.deployment_id,
+                        expected_step=row.step,
+                        new_step=decision.next_step,
+                        weight=steps[decision.next_step],
+                        reason=decision.reason,
+                        metrics=metrics,
+                    )
+                await self.emit_all(session, events)
+            done.extend(events)
+        return done
