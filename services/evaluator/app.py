@@ -1,0 +1,115 @@
+"""The evaluator service: wires the runtime, the scorers and the handlers to the bus.
+
+python -m services.evaluator.app      (HTTP port from EVALUATOR_HTTP_PORT)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from services.evaluator.benchmark import Benchmark, load_benchmark
+from services.evaluator.client import ChatClient, OpenAIChatClient
+from services.evaluator.handlers import (
+    ClientFactory,
+    EvaluatorPorts,
+    on_model_deployed,
+    on_rollout_changed,
+)
+from services.evaluator.scoring import Scoring
+from services.evaluator.scoring.judge import ChatJudge
+from services.evaluator.scoring.similarity import MiniLMEmbedder
+from services.evaluator.settings import EvaluatorSettings
+from shared.bus import Delivery, PermanentError
+from shared.events import ModelDeployed, RolloutChanged
+from shared.service import ServiceRuntime, run_service
+
+log = logging.getLogger(__name__)
+SERVICE = "evaluator"
+
+
+def client_factory(settings: EvaluatorSettings, *, api_key: str | None = None) -> ClientFactory:
+    @asynccontextmanager
+    async def clients(endpoint: str, model: str) -> AsyncIterator[ChatClient]:
+        client = OpenAIChatClient(
+            endpoint,
+            model,
+            timeout_s=settings.request_timeout_s,
+            connect_timeout_s=settings.connect_timeout_s,
+            temperature=settings.temperature,
+            seed=settings.seed,
+            max_response_bytes=settings.max_response_bytes,
+            api_key=api_key,
+            pool_size=max(settings.concurrency, 1),
+        )
+        try:
+            yield client
+        finally:
+            await client.close()
+
+    return clients
+
+
+def build_scoring(settings: EvaluatorSettings, benchmark: Benchmark) -> Scoring:
+    """The embedding model only when similarity may be needed; a judge only if configured."""
+    types = {benchmark.scorer_for(i).type for i in benchmark.items}
+    embedder = MiniLMEmbedder() if "similarity" in types or settings.use_validation_split else None
+    judge = None
+    if settings.judge_endpoint and settings.judge_model:
+        key = settings.judge_api_key.get_secret_value() if settings.judge_api_key else None
+        judge = ChatJudge(
+            OpenAIChatClient(
+                settings.judge_endpoint,
+                settings.judge_model,
+                timeout_s=settings.request_timeout_s,
+                seed=settings.seed,
+                api_key=key,
+            )
+        )
+    return Scoring(embedder=embedder, judge=judge)
+
+
+def wire(runtime: ServiceRuntime, settings: EvaluatorSettings) -> EvaluatorPorts:
+    """Register the evaluator's subscribers on ``runtime.bus`` (before ``runtime.start()``)."""
+    benchmark = load_benchmark(settings.benchmark)
+    key = settings.endpoint_api_key.get_secret_value() if settings.endpoint_api_key else None
+    ports = EvaluatorPorts(
+        transaction=runtime.transaction,
+        emit=runtime.emit,
+        store=runtime.store,
+        clients=client_factory(settings, api_key=key),
+        scoring=build_scoring(settings, benchmark),
+        benchmark=benchmark,
+        settings=settings,
+    )
+
+    async def deployed(event: ModelDeployed, delivery: Delivery) -> None:
+        try:
+            await on_model_deployed(event, ports=ports)
+        except (ValueError, TypeError) as exc:  # bad input: retrying cannot help
+            raise PermanentError(f"cannot evaluate {event.deployment_id}: {exc}") from exc
+
+    async def rollout(event: RolloutChanged, delivery: Delivery) -> None:
+        await on_rollout_changed(event, transaction=runtime.transaction)
+
+    runtime.bus.subscribe(ModelDeployed, deployed, ack_wait_s=settings.ack_wait_s, heartbeat=True)
+    runtime.bus.subscribe(RolloutChanged, rollout)
+    log.info("evaluator: benchmark %s (%d items)", benchmark.name, len(benchmark.items))
+    return ports
+
+
+async def serve() -> None:
+    settings = EvaluatorSettings()
+    runtime = ServiceRuntime(SERVICE)
+    wire(runtime, settings)
+    await run_service(runtime, host=settings.http_host, port=settings.http_port)
+
+
+def main() -> None:
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()
