@@ -201,7 +201,11 @@ class CaptureSink:
         while not self.queue.empty():
             rest.append(self.queue.get_nowait())
         for i in range(0, len(rest), self.batch_size):
-            await self._write(rest[i : i + self.batch_size])
+            try:
+                await self._write(rest[i : i + self.batch_size])
+            except Exception:
+                log.exception("capture: %d records lost at shutdown", len(rest) - i)
+                break
 
     async def flush(self) -> None:
         """Write everything queued now (tests, shutdown)."""

@@ -463,7 +463,7 @@ class ProxyApp:
                 self._outcome(upstream, step, ok=False, latency_ms=None)
                 break
             except UpstreamFailed as exc:
-                log.info("upstream %s failed before first byte: %s", upstream.deployment_id, exc)
+                log.debug("upstream %s failed before first byte: %s", upstream.deployment_id, exc)
                 self._outcome(upstream, step, ok=False, latency_ms=None)
                 last_error = RequestError(
                     503,

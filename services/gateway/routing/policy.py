@@ -64,11 +64,11 @@ def decide(
 ) -> Decision:
     """Roll back on an SLO breach (always, even when advancing is manual); advance one step
     after enough requests and time within SLO; reaching the last step (100%) promotes."""
-    if circuit_open:
-        return Decision("rollback", "circuit breaker open: the canary keeps failing")
     breach = slo_breach(canary, stable, slo)
     if breach:
         return Decision("rollback", breach)
+    if circuit_open:
+        return Decision("rollback", "circuit breaker open: the canary keeps failing")
     if not auto or canary.requests < min_requests or step_age_s < min_seconds:
         return Decision("hold")
     nxt = step + 1

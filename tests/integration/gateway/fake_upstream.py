@@ -26,6 +26,7 @@ class FakeUpstream:
         self.tag = tag
         self.max_model_len = max_model_len
         self.fail_status: int | None = None
+        self.fail_next = 0  # fail this many calls with 503, then answer
         self.delay_s = 0.0
         self.hang = False
         self.drop_connection = False
@@ -48,7 +49,7 @@ class FakeUpstream:
         return app
 
     async def start(self, port: int = 0) -> FakeUpstream:
-        self._runner = web.AppRunner(self.app(), access_log=None)
+        self._runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port)
         await site.start()
@@ -77,6 +78,9 @@ class FakeUpstream:
                 await asyncio.sleep(3600)
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
+            if self.fail_next > 0:
+                self.fail_next -= 1
+                return web.json_response({"error": {"message": "transient"}}, status=503)
             if self.fail_status:
                 return web.json_response(
                     {"error": {"message": "injected failure", "type": "server_error"}},

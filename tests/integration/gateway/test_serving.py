@@ -22,7 +22,9 @@ async def _wait_routed(gw: GatewayService) -> None:
     await eventually(lambda: MODEL in gw.state.routes, what="route for the baseline")
 
 
-async def test_openai_client_sync_stream_and_refusals(gateways, upstreams, pipeline, tmp_path: Path):
+async def test_openai_client_sync_stream_and_refusals(
+    gateways, upstreams, pipeline, tmp_path: Path
+):
     up = await upstreams("base")
     async with gateways(f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}") as gw:
         await pipeline.deployed("base-1", up, "baseline")
@@ -127,7 +129,9 @@ async def test_openai_client_sync_stream_and_refusals(gateways, upstreams, pipel
             assert r.status_code == 400 and "maximum context length is 512" in r.text
             r = await post("/chat/completions", key, json={**ok, "max_tokens": 100_000})
             assert r.status_code == 400 and "context" in r.text
-            assert (await http.get("/chat/completions", headers={"Authorization": f"Bearer {key}"})).status_code == 405
+            assert (
+                await http.get("/chat/completions", headers={"Authorization": f"Bearer {key}"})
+            ).status_code == 405
             # Rate limit: 2 requests a minute, the third is refused with Retry-After.
             statuses = [(await post("/chat/completions", limited, json=ok)) for _ in range(3)]
             assert [s.status_code for s in statuses] == [200, 200, 429]

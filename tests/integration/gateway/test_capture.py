@@ -1,0 +1,130 @@
+"""Interaction capture: rows written off the hot path with PII scrubbed, feedback feeding the
+quality score, the ENABLE_DATA_COLLECTION switch, and requests unharmed when capture cannot
+keep up or its database is gone."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from sqlmodel import select
+
+from shared.db import Database
+from shared.interactions import Interaction
+from tests.integration.gateway.conftest import MODEL, base_url, new_key
+from tests.integration.streams import eventually
+
+pytestmark = pytest.mark.integration
+
+PII = "I am jane.roe@example.com, card 4111 1111 1111 1111, call +1 415 555 0132"
+
+
+async def _rows(db_url: str) -> list[Interaction]:
+    db = Database(db_url)
+    try:
+        async with db.session() as session:
+            return list((await session.exec(select(Interaction))).all())
+    finally:
+        await db.dispose()
+
+
+async def test_capture_scrubs_pii_and_takes_feedback(gateways, upstreams, pipeline, database_url):
+    up = await upstreams("base")
+    async with gateways(database_url) as gw:
+        await pipeline.deployed("base-1", up, "baseline")
+        await eventually(lambda: MODEL in gw.state.routes, what="route")
+        key, other = await new_key(gw), await new_key(gw)
+        auth = {"Authorization": f"Bearer {key}"}
+        async with httpx.AsyncClient(base_url=base_url(gw) + "/v1", timeout=10) as http:
+            r = await http.post(
+                "/chat/completions",
+                headers=auth,
+                json={"model": MODEL, "messages": [{"role": "user", "content": PII}]},
+            )
+            assert r.status_code == 200
+            response_id = r.json()["id"]
+            # Feedback right away (possibly before the row is written): applied when it is.
+            fb = {"response_id": response_id, "rating": -1, "correction": "a better answer"}
+            r = await http.post("/feedback", headers=auth, json=fb)
+            assert r.status_code == 202
+            r = await http.post(
+                "/chat/completions",
+                headers=auth,
+                json={
+                    "model": MODEL,
+                    "messages": [{"role": "user", "content": "x y"}],
+                    "stream": True,
+                },
+            )
+            assert r.status_code == 200
+            r = await http.post("/completions", headers=auth, json={"model": MODEL, "prompt": PII})
+            assert r.status_code == 200
+            # Hostile and malformed feedback.
+            for bad in (
+                {"response_id": response_id, "rating": 5},
+                {"response_id": "", "rating": 1},
+                {"response_id": "x" * 65, "rating": 1},
+                {"response_id": response_id, "rating": 1, "extra": True},
+                {"response_id": response_id, "rating": 1, "correction": "c" * 100_001},
+            ):
+                assert (await http.post("/feedback", headers=auth, json=bad)).status_code == 422
+            r = await http.post("/feedback", json={"response_id": response_id, "rating": 1})
+            assert r.status_code == 401
+            # Another key cannot rate this answer.
+            r = await http.post(
+                "/feedback",
+                headers={"Authorization": f"Bearer {other}"},
+                json={"response_id": response_id, "rating": 1},
+            )
+            assert r.status_code == 202 and r.json()["applied"] is False
+
+        rows = await eventually(lambda: _count(database_url, 3), what="3 interactions")
+        rows = {r.endpoint + (":s" if r.response_text == "base: x y" else ""): r for r in rows}
+        chat, stream, completion = rows["chat"], rows["chat:s"], rows["completions"]
+        for row in (chat, completion):
+            stored = row.request + row.response_text
+            assert "jane.roe" not in stored and "4111" not in stored and "555" not in stored
+            assert "<EMAIL>" in stored and "<CARD>" in stored and "<PHONE>" in stored
+        assert json.loads(chat.request)["messages"][0]["role"] == "user"
+        assert chat.id == response_id and chat.deployment_id == "base-1"
+        assert chat.model_id == "model-base-1" and chat.status_code == 200
+        assert chat.prompt_tokens == 7 and chat.completion_tokens == 5
+        assert chat.latency_ms > 0 and chat.trace_id and len(chat.trace_id) == 32
+        assert chat.api_key_id == key.split("_")[1]
+        assert chat.feedback_rating == -1 and chat.quality_score == 0.0
+        assert stream.response_text == "base: x y" and stream.completion_tokens == 3
+        assert json.loads(completion.request)["prompt"].startswith("I am <EMAIL>")
+
+
+async def _count(db_url: str, n: int) -> list[Interaction] | None:
+    rows = await _rows(db_url)
+    return rows if len(rows) >= n else None
+
+
+async def test_capture_switch_overload_and_db_down(gateways, upstreams, pipeline, tmp_path):
+    up = await upstreams("base")
+    url = f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}"
+    async with gateways(url, enable_data_collection=False) as gw:
+        await pipeline.deployed("base-1", up, "baseline")
+        await eventually(lambda: MODEL in gw.state.routes, what="route")
+        key = await new_key(gw)
+        auth = {"Authorization": f"Bearer {key}"}
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+        async with httpx.AsyncClient(base_url=base_url(gw) + "/v1", timeout=10) as http:
+            assert (
+                await http.post("/chat/completions", headers=auth, json=body)
+            ).status_code == 200
+            await gw.state.capture.flush()
+            assert await _rows(url) == []  # switched off: nothing stored
+
+            # Capture on, a queue of one and a database that is gone: requests do not care.
+            gw.state.capture.enabled = True
+            gw.state.capture.queue = asyncio.Queue(maxsize=1)
+            gw.state.capture.db = Database("sqlite+aiosqlite:////nonexistent/dir/x.db")
+            results = await asyncio.gather(
+                *(http.post("/chat/completions", headers=auth, json=body) for _ in range(30))
+            )
+            assert all(r.status_code == 200 for r in results)
+            await eventually(lambda: gw.state.capture.dropped > 0, what="capture dropped")
