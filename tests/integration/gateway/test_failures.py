@@ -62,13 +62,18 @@ async def test_failover_deadline_outage_midstream_and_disconnect(
             stable.break_mid_stream = True
             client = openai.AsyncOpenAI(base_url=base_url(gw) + "/v1", api_key=key, max_retries=0)
             got: list[str] = []
-            with pytest.raises(openai.APIError, match="mid-stream"):
-                async for chunk in await client.chat.completions.create(
+
+            async def consume() -> None:
+                stream = await client.chat.completions.create(
                     model=MODEL,
                     messages=MSG,
                     stream=True,  # type: ignore[arg-type]
-                ):
+                )
+                async for chunk in stream:
                     got.append(chunk.choices[0].delta.content or "")
+
+            with pytest.raises(openai.APIError, match="mid-stream"):
+                await consume()
             assert got and stable.calls == 8
             stable.break_mid_stream = False
 

@@ -1,0 +1,89 @@
+"""The canary decision and the live windows it reads."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.gateway.routing.policy import Slo, decide, slo_breach
+from services.gateway.routing.stats import LiveStats, WindowStats
+
+STEPS = [0.1, 0.25, 0.5, 1.0]
+SLO = Slo(max_error_rate_increase=0.02, max_p95_ratio=1.5, p95_slack_ms=10, min_samples=20)
+
+
+def w(requests: int, errors: int = 0, p95: float | None = 100.0, samples: int | None = None):
+    return WindowStats(
+        requests=requests,
+        errors=errors,
+        p95_ms=p95,
+        p50_ms=p95,
+        latency_samples=requests - errors if samples is None else samples,
+    )
+
+
+def run(canary, stable=None, step=0, age=1000.0, auto=True, circuit_open=False):
+    return decide(
+        canary=canary,
+        stable=stable or w(1000, 5),
+        step=step,
+        steps=STEPS,
+        step_age_s=age,
+        min_requests=100,
+        min_seconds=60,
+        slo=SLO,
+        auto=auto,
+        circuit_open=circuit_open,
+    )
+
+
+def test_advances_through_steps_then_promotes():
+    assert run(w(100)).action == "advance" and run(w(100)).next_step == 1
+    assert run(w(100), step=1).next_step == 2
+    assert run(w(100), step=2).action == "promote"
+
+
+def test_holds_until_enough_requests_and_time_or_when_manual():
+    assert run(w(99)).action == "hold"
+    assert run(w(100), age=59).action == "hold"
+    assert run(w(100), auto=False).action == "hold"
+
+
+@pytest.mark.parametrize("auto", [True, False])
+def test_error_rate_breach_rolls_back_even_when_manual(auto):
+    d = run(w(40, errors=2), stable=w(1000, errors=0), auto=auto)  # 5% vs 0% + 2%
+    assert d.action == "rollback" and "error rate" in d.reason
+
+
+def test_error_rate_within_margin_of_stable_is_fine():
+    assert run(w(100, errors=6), stable=w(1000, errors=50)).action == "advance"  # 6% vs 5%+2%
+
+
+def test_latency_breach_rolls_back():
+    d = run(w(100, p95=200.0), stable=w(1000, p95=100.0))  # 200 > 100*1.5+10
+    assert d.action == "rollback" and "p95" in d.reason
+    assert run(w(100, p95=150.0), stable=w(1000, p95=100.0)).action == "advance"
+
+
+def test_too_few_samples_are_not_judged():
+    assert slo_breach(w(19, errors=19), w(1000), SLO) is None
+    assert slo_breach(w(10, p95=9999.0), w(1000), SLO) is None
+    assert slo_breach(w(100, p95=9999.0), w(5, p95=1.0), SLO) is None  # stable too thin
+
+
+def test_open_circuit_rolls_back():
+    assert run(w(0), circuit_open=True).action == "rollback"
+
+
+def test_live_stats_canary_step_windows_and_rolling_stable():
+    stats = LiveStats(window=10)
+    for i in range(30):
+        stats.record("stable", -1, ok=i >= 25, latency_ms=float(i))
+    rolling = stats.get("stable", -1)
+    assert rolling.requests == 10 and rolling.errors == 5  # old outcomes aged out
+    stats.record("canary", 0, ok=False, latency_ms=None)
+    stats.record("canary", 1, ok=True, latency_ms=5.0)
+    assert stats.get("canary", 0).errors == 1 and stats.get("canary", 1).errors == 0
+    assert stats.get("canary", 1).p95_ms == 5.0
+    stats.forget("canary")
+    assert stats.get("canary", 1).requests == 0
+    assert w(0).error_rate == 0.0
