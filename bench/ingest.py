@@ -1,0 +1,302 @@
+"""Ingest benchmark: a seed-scale corpus (four files, 40,993 pairs plus 5% duplicates, some
+PII and broken lines) through the full pipeline (parse → validate → scrub → dedupe → split →
+write), with near-duplicate detection on and off; then where the time goes, per stage.
+
+    .venv/bin/python bench/ingest.py [--workers N] [--records-scale 1.0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import os
+import random
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import orjson
+
+from services.ingest.pipeline import chunks, dedupe, formats
+from services.ingest.pipeline.formats import SourceFile
+from services.ingest.pipeline.pii import PiiScrubber
+from services.ingest.pipeline.run import Pipeline, rules_for
+from services.ingest.settings import ProcessingConfig
+
+SEED_FILES = (
+    ("risk", 23_493, "alpaca", "jsonl"),
+    ("compliance", 10_000, "openai", "jsonl.gz"),
+    ("markets", 5_000, "sharegpt", "json"),
+    ("support", 2_500, "alpaca", "json"),
+)
+WORDS = [
+    "the",
+    "a",
+    "of",
+    "to",
+    "and",
+    "in",
+    "for",
+    "is",
+    "on",
+    "that",
+    "by",
+    "this",
+    "with",
+    "from",
+    "as",
+    "at",
+    "be",
+    "are",
+    "or",
+    "an",
+    "it",
+    "not",
+    "which",
+    "risk",
+    "credit",
+    "market",
+    "loan",
+    "rate",
+    "bank",
+    "capital",
+    "liquidity",
+    "exposure",
+    "portfolio",
+    "asset",
+    "fund",
+    "interest",
+    "default",
+    "ratio",
+    "regulatory",
+    "compliance",
+    "report",
+    "quarter",
+    "revenue",
+    "margin",
+    "cash",
+    "flow",
+    "hedge",
+    "derivative",
+    "swap",
+    "option",
+    "bond",
+    "yield",
+    "equity",
+    "volatility",
+    "model",
+    "stress",
+    "scenario",
+    "customer",
+    "account",
+    "payment",
+    "transfer",
+    "policy",
+    "control",
+    "audit",
+    "review",
+    "analysis",
+    "forecast",
+    "increase",
+    "decrease",
+    "growth",
+    "decline",
+    "higher",
+    "lower",
+    "total",
+    "net",
+    "gross",
+    "annual",
+    "monthly",
+    "current",
+]
+
+
+def _text(rng: random.Random, lo: int, hi: int) -> str:
+    target = rng.randint(lo, hi)
+    words: list[str] = []
+    size = 0
+    while size < target:
+        w = rng.choice(WORDS)
+        if rng.random() < 0.08:
+            w = f"{w}{rng.randint(1, 999)}"
+        words.append(w)
+        size += len(w) + 1
+    return " ".join(words).capitalize() + "."
+
+
+PII_SNIPPETS = (
+    "jane.doe@example.com",
+    "(555) 123-4567",
+    "123-45-6789",
+    "4111 1111 1111 1111",
+    "GB82 WEST 1234 5698 7654 32",
+    "10.20.30.40",
+)
+
+
+def make_corpus(root: Path, scale: float = 1.0, seed: int = 7) -> tuple[list[SourceFile], int]:
+    rng = random.Random(seed)
+    sources = []
+    total = 0
+    for domain, count, fmt, ext in SEED_FILES:
+        count = int(count * scale)
+        records: list[bytes] = []
+        for _ in range(count):
+            prompt = _text(rng, 60, 900)
+            answer = _text(rng, 120, 1600)
+            if rng.random() < 0.05:
+                answer += f" Contact {rng.choice(PII_SNIPPETS)} for details."
+            if fmt == "alpaca":
+                rec = {"instruction": prompt, "input": "", "output": answer}
+            elif fmt == "openai":
+                rec = {
+                    "messages": [
+                        {"role": "system", "content": "You are a risk analyst."},
+                        {"role": "user", "content": prompt},
+                        {"role": "assistant", "content": answer},
+                    ]
+                }
+            else:
+                rec = {
+                    "conversations": [
+                        {"from": "human", "value": prompt},
+                        {"from": "gpt", "value": answer},
+                    ]
+                }
+            records.append(orjson.dumps(rec))
+        # 5% duplicates: half exact copies, half with one word changed.
+        for _ in range(count // 20):
+            original = orjson.loads(rng.choice(records))
+            if rng.random() < 0.5:
+                blob = orjson.dumps(original).replace(b" the ", b" a ", 1)
+                records.append(blob)
+            else:
+                records.append(orjson.dumps(original))
+        rng.shuffle(records)
+        total += len(records)
+        path = root / f"{domain}.{ext}"
+        if ext == "json":
+            path.write_bytes(b"[" + b",\n".join(records) + b"]")
+        else:
+            lines = list(records)
+            for _ in range(max(1, count // 500)):  # broken lines
+                lines.insert(rng.randrange(len(lines)), b'{"instruction": "cut off')
+            data = b"\n".join(lines) + b"\n"
+            path.write_bytes(gzip.compress(data, 1) if ext.endswith(".gz") else data)
+        sources.append(SourceFile(path, path.name, "auto", domain=domain))
+    return sources, total
+
+
+def run_once(sources: list[SourceFile], config: ProcessingConfig, executor, workers: int):
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = Pipeline(
+            config, dataset_name="bench", executor=executor, max_in_flight=2 * workers + 1
+        )
+        t0 = time.perf_counter()
+        out = pipe.run(sources, workdir=Path(tmp))
+        return time.perf_counter() - t0, out
+
+
+def stage_costs(sources: list[SourceFile], config: ProcessingConfig) -> list[tuple[str, float]]:
+    """Single-core cost of each stage over the same records, in records/s."""
+    items = []
+    for src in sources:
+        items += [raw for _, raw in formats.iter_items(src.path)]
+    n = len(items)
+    rows = []
+    t = time.perf_counter()
+    parsed = []
+    for raw in items:
+        with contextlib.suppress(formats.RecordError):
+            parsed.append(formats.parse_line(raw))
+    rows.append(("parse (orjson/ijson)", time.perf_counter() - t))
+    t = time.perf_counter()
+    convs = []
+    for rec in parsed:
+        fmt = formats.detect_format(rec)
+        if fmt:
+            convs.append(formats.normalise(rec, fmt))
+    rows.append(("normalise", time.perf_counter() - t))
+    rules = rules_for(config)
+    t = time.perf_counter()
+    for m in convs:
+        with contextlib.suppress(chunks.Rejected):
+            chunks._check(m, rules)
+    rows.append(("validate", time.perf_counter() - t))
+    scrub = PiiScrubber()
+    t = time.perf_counter()
+    for m in convs:
+        for turn in m:
+            turn["content"] = scrub.scrub(turn["content"])
+    rows.append(("PII scrub", time.perf_counter() - t))
+    t = time.perf_counter()
+    norms = [dedupe.normalised_text(m).encode() for m in convs]
+    keys = [dedupe.exact_key(x) for x in norms]
+    rows.append(("normalise text + exact hash", time.perf_counter() - t))
+    t = time.perf_counter()
+    sigs = dedupe.signatures(norms, num_perm=config.num_perm)
+    rows.append(("MinHash (rensa, 128 perm)", time.perf_counter() - t))
+    t = time.perf_counter()
+    index = dedupe.NearDuplicateIndex(threshold=config.near_threshold, num_perm=config.num_perm)
+    bkeys = index.keys(sigs).tolist()
+    small = sigs.astype("uint16")
+    for i in range(len(norms)):
+        if index.find(bkeys[i], small[i]) is None:
+            index.add(bkeys[i], small[i], str(i))
+    rows.append(("LSH bands + lookups", time.perf_counter() - t))
+    t = time.perf_counter()
+    for m, k in zip(convs, keys, strict=True):
+        orjson.dumps({"id": k.hex()[:24], "messages": m, "category": "x", "source": "y"})
+    rows.append(("serialise", time.perf_counter() - t))
+    return [(name, n / secs if secs else float("inf")) for name, secs in rows]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        sources, total = make_corpus(Path(tmp), args.scale)
+        size = sum(s.path.stat().st_size for s in sources)
+        print(
+            f"corpus: {total:,} records in {len(sources)} files, {size / 1e6:.1f} MB "
+            f"(cpus: {os.cpu_count()}, load: {os.getloadavg()[0]:.1f})"
+        )
+        executor = ProcessPoolExecutor(args.workers) if args.workers > 1 else None
+        if executor:
+            list(executor.map(abs, range(args.workers)))  # start the workers (not timed)
+        print(
+            f"\n{'mode':<28}{'workers':>8}{'best s':>9}{'records/s':>12}{'kept':>8}"
+            f"{'exact':>7}{'near':>6}"
+        )
+        for near in (True, False):
+            config = ProcessingConfig(near_dedupe=near)
+            best = float("inf")
+            out = None
+            for _ in range(args.repeat):
+                secs, out = run_once(sources, config, executor, args.workers)
+                best = min(best, secs)
+            assert out is not None
+            d = out.report["dedupe"]
+            print(
+                f"{'near-dedupe ' + ('on' if near else 'off'):<28}{args.workers:>8}"
+                f"{best:>9.3f}{total / best:>12,.0f}{out.kept:>8}{d['exact']:>7}{d['near']:>6}"
+            )
+            print(
+                "    where the time goes (main process, s): "
+                + ", ".join(f"{k}={v}" for k, v in out.report["seconds"].items())
+            )
+        if executor:
+            executor.shutdown()
+        print("\nsingle-core cost per stage (records/s):")
+        for name, rate in stage_costs(sources, ProcessingConfig()):
+            print(f"  {name:<32}{rate:>12,.0f}")
+
+
+if __name__ == "__main__":
+    main()

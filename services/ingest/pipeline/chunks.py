@@ -1,0 +1,174 @@
+"""The per-record work, done a chunk at a time (in a worker process when there are several
+CPUs): parse → normalise → validate → scrub PII → exact key → MinHash bands.
+
+Pure and picklable: a :class:`ChunkJob` in, a :class:`ChunkResult` out. What crosses back
+is small: the output JSON line of each kept record, its keys and lengths, and rejections
+(position, code, reason) with no record content.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from services.ingest.pipeline import dedupe, validate
+from services.ingest.pipeline.formats import (
+    Format,
+    RecordError,
+    detect_format,
+    label,
+    normalise,
+    parse_line,
+)
+from services.ingest.pipeline.pii import PiiScrubber
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The processing config as the workers need it (plain data, cheap to pickle)."""
+
+    min_input_chars: int = 50
+    max_input_chars: int = 30_000
+    min_output_chars: int = 100
+    max_output_chars: int = 30_000
+    reject_error_text: bool = True
+    scrub_pii: bool = True
+    near_dedupe: bool = True
+    num_perm: int = 128
+    bands: int = 9
+    rows: int = 14
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    items: list[tuple[int, Any]]
+    format: Format | None
+    domain: str | None
+    source: str
+    trusted: bool
+    rules: Rules
+
+
+@dataclass
+class Kept:
+    position: int
+    record_id: str
+    line: bytes
+    key: bytes
+    category: str
+    source: str
+    input_chars: int
+    output_chars: int
+
+
+@dataclass
+class ChunkResult:
+    kept: list[Kept] = field(default_factory=list)
+    rejected: list[tuple[int, str, str]] = field(default_factory=list)
+    pii: Counter[str] = field(default_factory=Counter)
+    # Per kept record: LSH band keys and low 16 bits of the MinHash signature.
+    band_keys: np.ndarray | None = None
+    signatures: np.ndarray | None = None
+
+
+class Rejected(Exception):
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def _check(messages: list[dict[str, str]], rules: Rules) -> tuple[int, int]:
+    problem = validate.role_order_error(messages)
+    if problem:
+        raise Rejected("role_order", problem)
+    problem = validate.empty_turn_error(messages)
+    if problem:
+        raise Rejected("empty_turn", problem)
+    input_chars = sum(len(m["content"]) for m in messages if m["role"] != "assistant")
+    output_chars = sum(len(m["content"]) for m in messages if m["role"] == "assistant")
+    if input_chars < rules.min_input_chars:
+        raise Rejected(
+            "input_too_short", f"prompt has {input_chars} chars (< {rules.min_input_chars})"
+        )
+    if input_chars > rules.max_input_chars:
+        raise Rejected(
+            "input_too_long", f"prompt has {input_chars} chars (> {rules.max_input_chars})"
+        )
+    if output_chars < rules.min_output_chars:
+        raise Rejected(
+            "output_too_short", f"answer has {output_chars} chars (< {rules.min_output_chars})"
+        )
+    if output_chars > rules.max_output_chars:
+        raise Rejected(
+            "output_too_long", f"answer has {output_chars} chars (> {rules.max_output_chars})"
+        )
+    if rules.reject_error_text:
+        for m in messages:
+            if m["role"] == "assistant":
+                found = validate.error_text(m["content"])
+                if found:
+                    raise Rejected("error_text", f"answer contains error text {found!r}")
+    return input_chars, output_chars
+
+
+def process_chunk(job: ChunkJob) -> ChunkResult:
+    rules = job.rules
+    result = ChunkResult()
+    scrubber = PiiScrubber()
+    texts: list[bytes] = []
+    for position, raw in job.items:
+        try:
+            if isinstance(raw, bytes | bytearray) and not raw.strip():
+                continue  # blank line
+            try:
+                record = parse_line(raw)
+            except RecordError as exc:
+                raise Rejected("parse", str(exc)) from exc
+            fmt = job.format or detect_format(record)
+            if job.trusted:
+                fmt = "openai"
+            if fmt is None:
+                raise Rejected("format", "not an Alpaca, OpenAI chat or ShareGPT record")
+            try:
+                messages = normalise(record, fmt)
+            except RecordError as exc:
+                raise Rejected("format", str(exc)) from exc
+            if job.trusted:
+                input_chars = sum(len(m["content"]) for m in messages if m["role"] != "assistant")
+                output_chars = sum(len(m["content"]) for m in messages if m["role"] == "assistant")
+            else:
+                input_chars, output_chars = _check(messages, rules)
+                if rules.scrub_pii:
+                    for m in messages:
+                        m["content"] = scrubber.scrub(m["content"])
+        except Rejected as rej:
+            result.rejected.append((position, rej.code, rej.reason))
+            continue
+        category = label(record, "category", "domain") or job.domain or "general"
+        source = label(record, "source") or job.source
+        norm = dedupe.normalised_text(messages).encode()
+        key = dedupe.exact_key(norm)
+        record_id = (label(record, "id") if job.trusted else None) or f"r{key.hex()[:24]}"
+        line = orjson.dumps(
+            {
+                "id": record_id,
+                "messages": messages,
+                "category": category,
+                "source": source,
+            }
+        )
+        result.kept.append(
+            Kept(position, record_id, line, key, category, source, input_chars, output_chars)
+        )
+        texts.append(norm)
+    result.pii = scrubber.counts
+    if rules.near_dedupe and texts:
+        sigs = dedupe.signatures(texts, num_perm=rules.num_perm)
+        result.band_keys = dedupe.band_keys(sigs, rules.bands, rules.rows)
+        result.signatures = sigs.astype(np.uint16)
+    return result

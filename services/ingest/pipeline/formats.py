@@ -1,0 +1,189 @@
+"""Reading corpus files: JSONL or a JSON array, optionally gzipped, streamed; and turning
+Alpaca, OpenAI chat and ShareGPT records into one chat form.
+
+Nothing here holds a whole file: JSONL is read line by line, a JSON array element by element
+(ijson's C backend). A record that cannot be parsed or normalised becomes a rejection with
+its line (or array position) and never stops the rest of the file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+import ijson
+import orjson
+
+Format = Literal["alpaca", "openai", "sharegpt"]
+FormatChoice = Literal["auto", "alpaca", "openai", "sharegpt"]
+FORMATS: tuple[Format, ...] = ("alpaca", "openai", "sharegpt")
+
+# A line or array element past this size is rejected without being parsed.
+MAX_RECORD_BYTES = 4 * 1024 * 1024
+GZIP_MAGIC = b"\x1f\x8b"
+
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
+_OPENAI_ROLES = frozenset(("system", "user", "assistant"))
+
+
+class RecordError(ValueError):
+    """This record cannot be used; the message is the reason reported for it."""
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One input file and what applies to all of its records."""
+
+    path: Path
+    display_name: str
+    format: FormatChoice = "auto"
+    domain: str | None = None
+    source: str | None = None
+    # Records of a previous dataset version: already normalised, scrubbed and split.
+    trusted_split: Literal["train", "validation"] | None = None
+
+
+def open_binary(path: Path) -> BinaryIO:
+    """The file's bytes, gunzipped when it starts with the gzip magic number."""
+    raw = path.open("rb")
+    head = raw.peek(2)[:2] if isinstance(raw, io.BufferedReader) else b""
+    if head == GZIP_MAGIC:
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+    return raw
+
+
+def is_json_array(stream: BinaryIO) -> bool:
+    """Peek past whitespace (and a BOM): does the content start with ``[``?"""
+    peekable = stream if hasattr(stream, "peek") else None
+    if peekable is None:
+        return False
+    head = peekable.peek(4096)  # type: ignore[attr-defined]
+    head = head.removeprefix(b"\xef\xbb\xbf").lstrip()
+    return bool(head[:1] == b"[")
+
+
+Item = tuple[int, bytes | Any]
+"""(line number or 1-based array position, raw line bytes or an already parsed element)."""
+
+
+def iter_items(path: Path) -> Iterator[Item]:
+    """Every record of a file with its position: raw lines for JSONL, parsed elements for a
+    JSON array. A broken array raises :class:`RecordError` at the element it failed on."""
+    with open_binary(path) as stream:
+        if is_json_array(stream):
+            position = 0
+            try:
+                for position, element in enumerate(
+                    ijson.items(stream, "item", use_float=True), start=1
+                ):
+                    yield position, element
+            except ijson.JSONError as exc:
+                raise RecordError(f"invalid JSON array after element {position}: {exc}") from exc
+            return
+        yield from enumerate(stream, start=1)
+
+
+def parse_line(raw: bytes | Any) -> Any:
+    if not isinstance(raw, bytes | bytearray):
+        return raw
+    if len(raw) > MAX_RECORD_BYTES:
+        raise RecordError(f"record longer than {MAX_RECORD_BYTES} bytes")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise RecordError(f"invalid JSON: {exc}") from exc
+
+
+def detect_format(record: Any) -> Format | None:
+    if not isinstance(record, dict):
+        return None
+    if "messages" in record:
+        return "openai"
+    if "conversations" in record:
+        return "sharegpt"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    return None
+
+
+def _text(value: Any, what: str) -> str:
+    if isinstance(value, str):
+        return value
+    # OpenAI content parts: [{"type": "text", "text": "..."}]
+    if isinstance(value, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+        for p in value
+    ):
+        return "".join(p["text"] for p in value)
+    raise RecordError(f"{what} is not a string")
+
+
+def normalise(record: Any, fmt: Format) -> list[dict[str, str]]:
+    """The record's conversation as ``[{"role", "content"}]``; raises :class:`RecordError`."""
+    if not isinstance(record, dict):
+        raise RecordError(f"record is a JSON {type(record).__name__}, not an object")
+    if fmt == "alpaca":
+        if "instruction" not in record or "output" not in record:
+            raise RecordError("not an Alpaca record (needs instruction and output)")
+        prompt = _text(record["instruction"], "instruction")
+        extra = record.get("input")
+        if extra not in (None, ""):
+            prompt = f"{prompt}\n\n{_text(extra, 'input')}"
+        messages = []
+        system = record.get("system")
+        if system not in (None, ""):
+            messages.append({"role": "system", "content": _text(system, "system")})
+        messages.append({"role": "user", "content": prompt})
+        messages.append({"role": "assistant", "content": _text(record["output"], "output")})
+        return messages
+    if fmt == "openai":
+        turns = record.get("messages")
+        if not isinstance(turns, list):
+            raise RecordError("not an OpenAI chat record (messages must be a list)")
+        out = []
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, dict):
+                raise RecordError(f"message {i} is not an object")
+            role = turn.get("role")
+            if role not in _OPENAI_ROLES:
+                raise RecordError(f"message {i} has unsupported role {str(role)[:40]!r}")
+            out.append({"role": role, "content": _text(turn.get("content"), f"message {i}")})
+        return out
+    turns = record.get("conversations")
+    if not isinstance(turns, list):
+        raise RecordError("not a ShareGPT record (conversations must be a list)")
+    out = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise RecordError(f"turn {i} is not an object")
+        speaker = turn.get("from")
+        role = _SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
+        if role is None:
+            raise RecordError(f"turn {i} has unsupported speaker {str(speaker)[:40]!r}")
+        out.append({"role": role, "content": _text(turn.get("value"), f"turn {i}")})
+    return out
+
+
+def label(record: Any, *keys: str) -> str | None:
+    """A short label (category, domain, source) from the record, if it has a usable one."""
+    if not isinstance(record, dict):
+        return None
+    for key in keys:
+        value = record.get(key)
+        if isinstance(value, str) and value.strip():
+            return value.strip()[:200]
+    return None

@@ -1,0 +1,491 @@
+"""The ingest pipeline end to end, streaming: files in, a dataset version's files out.
+
+Reading and the dedupe decisions happen here, in order; the per-record work
+(:func:`~services.ingest.pipeline.chunks.process_chunk`) runs a chunk at a time, in worker
+processes when an executor is given. Kept records go to a spool file on disk, so memory
+holds only a few dozen bytes per record (ids, keys, labels, lengths) plus the LSH index.
+
+Records of the previous version of the dataset line are read first, as trusted input: they
+keep their split, and anything in the new files that duplicates them is dropped. So
+re-ingesting the same content reproduces the previous version byte for byte.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import itertools
+import math
+import time
+import zlib
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import xxhash
+
+from services.ingest.pipeline import curriculum, dedupe
+from services.ingest.pipeline.chunks import ChunkJob, ChunkResult, Rules, process_chunk
+from services.ingest.pipeline.formats import (
+    Format,
+    Item,
+    RecordError,
+    SourceFile,
+    detect_format,
+    iter_items,
+    parse_line,
+)
+from services.ingest.pipeline.pii import PII_TYPES
+from services.ingest.settings import ProcessingConfig
+
+CHUNK_RECORDS = 2048
+DETECT_WINDOW = 1000
+MAX_REPORTED_REJECTIONS = 200
+
+
+@dataclass
+class PipelineOutput:
+    workdir: Path
+    report: dict[str, Any]
+    train_path: Path
+    validation_path: Path
+    report_path: Path
+    rejects_path: Path
+    manifest_paths: dict[str, Path]
+    dataset_id: str | None
+    train_count: int
+    validation_count: int
+    new_records: int
+    counts_by_category: dict[str, int]
+    counts_by_source: dict[str, int]
+
+    @property
+    def kept(self) -> int:
+        return self.train_count + self.validation_count
+
+
+@dataclass
+class _Meta:
+    """What is remembered of each kept record (its content is in the spool)."""
+
+    ids: list[str] = field(default_factory=list)
+    categories: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    input_chars: list[int] = field(default_factory=list)
+    output_chars: list[int] = field(default_factory=list)
+    # 0 = new record (split to be decided), 1 = previous train, 2 = previous validation.
+    fixed_split: bytearray = field(default_factory=bytearray)
+
+
+def rules_for(config: ProcessingConfig) -> Rules:
+    bands, rows = dedupe.lsh_params(config.near_threshold, config.num_perm)
+    return Rules(
+        min_input_chars=config.min_input_chars,
+        max_input_chars=config.max_input_chars,
+        min_output_chars=config.min_output_chars,
+        max_output_chars=config.max_output_chars,
+        reject_error_text=config.reject_error_text,
+        scrub_pii=config.scrub_pii,
+        near_dedupe=config.near_dedupe,
+        num_perm=config.num_perm,
+        bands=bands,
+        rows=rows,
+    )
+
+
+def previous_sources(train: Path, validation: Path, name: str) -> list[SourceFile]:
+    return [
+        SourceFile(train, f"{name}/train.jsonl", "openai", trusted_split="train"),
+        SourceFile(validation, f"{name}/validation.jsonl", "openai", trusted_split="validation"),
+    ]
+
+
+def _percentiles(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {}
+    arr = np.asarray(values)
+    qs = np.percentile(arr, [5, 25, 50, 75, 95])
+    return {
+        "min": int(arr.min()),
+        "p5": float(qs[0]),
+        "p25": float(qs[1]),
+        "p50": float(qs[2]),
+        "p75": float(qs[3]),
+        "p95": float(qs[4]),
+        "max": int(arr.max()),
+        "mean": round(float(arr.mean()), 1),
+    }
+
+
+_FILE_ERRORS = (RecordError, OSError, EOFError, zlib.error, gzip.BadGzipFile)
+
+
+def _raising(exc: BaseException) -> Iterator[Item]:
+    raise exc
+    yield  # pragma: no cover  (makes this a generator)
+
+
+class Pipeline:
+    """One run: ``Pipeline(config, ...).run(sources, ...)``."""
+
+    def __init__(
+        self,
+        config: ProcessingConfig,
+        *,
+        dataset_name: str,
+        executor: Executor | None = None,
+        max_in_flight: int = 4,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.dataset_name = dataset_name
+        self.rules = rules_for(config)
+        self.executor = executor
+        self.max_in_flight = max_in_flight
+        self.progress = progress
+        self.meta = _Meta()
+        self.exact: dict[bytes, str] = {}
+        self.near = dedupe.NearDuplicateIndex(
+            threshold=config.near_threshold, num_perm=config.num_perm
+        )
+        self.rejected_by_code: Counter[str] = Counter()
+        self.rejected_examples: list[dict[str, Any]] = []
+        self.pii: Counter[str] = Counter()
+        self.inputs: list[dict[str, Any]] = []
+        self.timings: defaultdict[str, float] = defaultdict(float)
+        self.empty_outputs = 0
+        self._rejects_file: Any = None
+        self._spool: Any = None
+
+    # ---------------------------------------------------------------- reading
+
+    def _detect(self, items: Iterator[Item]) -> tuple[Format | None, Iterator[Item]]:
+        """The format of the first recognisable record (looking at most DETECT_WINDOW)."""
+        buffered: list[Item] = []
+        found: Format | None = None
+        try:
+            for item in items:
+                buffered.append(item)
+                try:
+                    found = detect_format(parse_line(item[1]))
+                except RecordError:
+                    found = None
+                if found or len(buffered) >= DETECT_WINDOW:
+                    break
+        except _FILE_ERRORS as exc:  # surfaces again, in order, where the caller reads on
+            return found, itertools.chain(buffered, _raising(exc))
+        return found, itertools.chain(buffered, items)
+
+    def _jobs(self, src: SourceFile, stats: dict[str, Any]) -> Iterator[ChunkJob]:
+        items = iter_items(src.path)
+        fmt: Format | None = None if src.format == "auto" else src.format
+        if fmt is None and src.trusted_split is None:
+            fmt, items = self._detect(items)
+        stats["format"] = fmt or "unknown"
+        source = src.source or Path(src.display_name).name.split(".")[0] or "upload"
+        position = 0
+        chunk: list[Item] = []
+        try:
+            for item in items:
+                position = item[0]
+                chunk.append(item)
+                if len(chunk) >= CHUNK_RECORDS:
+                    yield self._job(chunk, fmt, src, source)
+                    chunk = []
+        except _FILE_ERRORS as exc:
+            self._reject(src.display_name, position, "file", f"unreadable from here on: {exc}")
+        if chunk:
+            yield self._job(chunk, fmt, src, source)
+
+    def _job(self, chunk: list[Item], fmt: Format | None, src: SourceFile, source: str) -> ChunkJob:
+        if fmt is None and src.format == "auto":
+            fmt = None  # nothing recognisable: every record is rejected with the reason
+        return ChunkJob(
+            items=chunk,
+            format=fmt,
+            domain=src.domain,
+            source=source,
+            trusted=src.trusted_split is not None,
+            rules=self.rules,
+        )
+
+    # ---------------------------------------------------------------- deciding
+
+    def _reject(self, file: str, position: int, code: str, reason: str) -> None:
+        self.rejected_by_code[code] += 1
+        entry = {"file": file, "line": position, "code": code, "reason": reason}
+        if len(self.rejected_examples) < MAX_REPORTED_REJECTIONS:
+            self.rejected_examples.append(entry)
+        self._rejects_file.write(orjson.dumps(entry) + b"\n")
+        if code == "empty_turn" and "assistant" in reason:
+            self.empty_outputs += 1
+
+    def _consume(self, result: ChunkResult, src: SourceFile, stats: dict[str, Any]) -> None:
+        started = time.perf_counter()
+        for position, code, reason in result.rejected:
+            self._reject(src.display_name, position, code, reason)
+        self.pii.update(result.pii)
+        split_code = {"train": 1, "validation": 2}.get(src.trusted_split or "", 0)
+        near = self.rules.near_dedupe and result.band_keys is not None
+        band_rows = result.band_keys.tolist() if near and result.band_keys is not None else []
+        kept = 0
+        for i, rec in enumerate(result.kept):
+            where = f"{src.display_name}:{rec.position}"
+            first = self.exact.get(rec.key)
+            if first is not None:
+                self._reject(
+                    src.display_name, rec.position, "exact_duplicate", f"duplicate of {first}"
+                )
+                continue
+            if near:
+                assert result.signatures is not None
+                similar = self.near.find(band_rows[i], result.signatures[i])
+                if similar is not None:
+                    self._reject(
+                        src.display_name,
+                        rec.position,
+                        "near_duplicate",
+                        f"near-duplicate of {similar}",
+                    )
+                    continue
+                self.near.add(band_rows[i], result.signatures[i], where)
+            self.exact[rec.key] = where
+            self._spool.write(rec.line)
+            self._spool.write(b"\n")
+            meta = self.meta
+            meta.ids.append(rec.record_id)
+            meta.categories.append(rec.category)
+            meta.sources.append(rec.source)
+            meta.input_chars.append(rec.input_chars)
+            meta.output_chars.append(rec.output_chars)
+            meta.fixed_split.append(split_code)
+            kept += 1
+        stats["read"] += len(result.kept) + len(result.rejected)
+        stats["kept"] += kept
+        self.timings["dedupe_and_spool"] += time.perf_counter() - started
+        if self.progress:
+            self.progress(len(result.kept) + len(result.rejected))
+
+    def _process(self, sources: Iterable[SourceFile]) -> None:
+        pending: deque[tuple[Future[ChunkResult], SourceFile, dict[str, Any]]] = deque()
+        for src in sources:
+            stats: dict[str, Any] = {"file": src.display_name, "read": 0, "kept": 0}
+            if src.trusted_split is None:
+                self.inputs.append(stats)
+            started = time.perf_counter()
+            for job in self._jobs(src, stats):
+                self.timings["read"] += time.perf_counter() - started
+                if self.executor is None:
+                    t0 = time.perf_counter()
+                    result = process_chunk(job)
+                    self.timings["parse_validate_scrub_sketch"] += time.perf_counter() - t0
+                    self._consume(result, src, stats)
+                else:
+                    pending.append((self.executor.submit(process_chunk, job), src, stats))
+                    while len(pending) >= self.max_in_flight:
+                        self._drain_one(pending)
+                started = time.perf_counter()
+            self.timings["read"] += time.perf_counter() - started
+        while pending:
+            self._drain_one(pending)
+
+    def _drain_one(
+        self, pending: deque[tuple[Future[ChunkResult], SourceFile, dict[str, Any]]]
+    ) -> None:
+        future, src, stats = pending.popleft()
+        t0 = time.perf_counter()
+        result = future.result()
+        self.timings["wait_for_workers"] += time.perf_counter() - t0
+        self._consume(result, src, stats)
+
+    # ---------------------------------------------------------------- splitting
+
+    def _assign_splits(self) -> bytearray:
+        """1 = train, 2 = validation for every kept record."""
+        meta = self.meta
+        assignment = bytearray(meta.fixed_split)
+        by_category: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        seed = self.config.split_seed % 2**64
+        for i, split in enumerate(meta.fixed_split):
+            if split == 0:
+                order = xxhash.xxh3_64_intdigest(meta.ids[i].encode(), seed=seed)
+                by_category[meta.categories[i]].append((order, i))
+        for members in by_category.values():
+            members.sort()
+            n_val = math.floor(len(members) * self.config.validation_fraction + 0.5)
+            for rank, (_, i) in enumerate(members):
+                assignment[i] = 2 if rank < n_val else 1
+        return assignment
+
+    # ---------------------------------------------------------------- the run
+
+    def run(
+        self,
+        sources: list[SourceFile],
+        *,
+        workdir: Path,
+        previous: list[SourceFile] | None = None,
+    ) -> PipelineOutput:
+        workdir.mkdir(parents=True, exist_ok=True)
+        spool_path = workdir / "spool.jsonl"
+        rejects_path = workdir / "rejected.jsonl"
+        started = time.perf_counter()
+        with spool_path.open("wb") as spool, rejects_path.open("wb") as rejects:
+            self._spool, self._rejects_file = spool, rejects
+            self._process([*(previous or []), *sources])
+        meta = self.meta
+        t0 = time.perf_counter()
+        assignment = self._assign_splits()
+        train_path = workdir / "train.jsonl"
+        validation_path = workdir / "validation.jsonl"
+        digests = {1: hashlib.sha256(), 2: hashlib.sha256()}
+        counts = {1: 0, 2: 0}
+        train_idx: list[int] = []
+        with (
+            spool_path.open("rb") as spool_in,
+            train_path.open("wb") as train_out,
+            validation_path.open("wb") as val_out,
+        ):
+            outs = {1: train_out, 2: val_out}
+            for i, line in enumerate(spool_in):
+                split = assignment[i]
+                outs[split].write(line)
+                digests[split].update(line)
+                counts[split] += 1
+                if split == 1:
+                    train_idx.append(i)
+        spool_path.unlink()
+        self.timings["split_and_write"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        cfg = self.config
+        manifests = curriculum.build_manifests(
+            [meta.ids[i] for i in train_idx],
+            [meta.categories[i] for i in train_idx],
+            [meta.input_chars[i] + meta.output_chars[i] for i in train_idx],
+            seed=cfg.curriculum_seed,
+            targets=cfg.target_records,
+            domain_weights=cfg.domain_weights,
+            temperature=cfg.domain_temperature,
+            stress_fraction=cfg.stress_fraction,
+        )
+        manifest_paths = {}
+        for phase, manifest in manifests.items():
+            path = workdir / f"curriculum-{phase}.json"
+            path.write_bytes(orjson.dumps(manifest))
+            manifest_paths[phase] = path
+        self.timings["curriculum"] += time.perf_counter() - t0
+
+        kept = len(meta.ids)
+        dataset_id = None
+        if kept:
+            h = hashlib.sha256(b"tuneloop-dataset-v1\0")
+            h.update(self.dataset_name.encode() + b"\0")
+            h.update(cfg.digest_input() + b"\0")
+            h.update(digests[1].hexdigest().encode() + digests[2].hexdigest().encode())
+            dataset_id = f"ds-{h.hexdigest()[:32]}"
+        report = self._report(assignment, manifests, dataset_id, counts)
+        report["seconds"] = {k: round(v, 4) for k, v in self.timings.items()}
+        report["seconds"]["total"] = round(time.perf_counter() - started, 4)
+        report_path = workdir / "report.json"
+        report_path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+        return PipelineOutput(
+            workdir=workdir,
+            report=report,
+            train_path=train_path,
+            validation_path=validation_path,
+            report_path=report_path,
+            rejects_path=rejects_path,
+            manifest_paths=manifest_paths,
+            dataset_id=dataset_id,
+            train_count=counts[1],
+            validation_count=counts[2],
+            new_records=sum(1 for s in meta.fixed_split if s == 0),
+            counts_by_category=dict(Counter(meta.categories)),
+            counts_by_source=dict(Counter(meta.sources)),
+        )
+
+    def _report(
+        self,
+        assignment: bytearray,
+        manifests: dict[str, dict[str, Any]],
+        dataset_id: str | None,
+        counts: dict[int, int],
+    ) -> dict[str, Any]:
+        meta, cfg = self.meta, self.config
+        kept = len(meta.ids)
+        by_cat_split: dict[str, dict[str, int]] = defaultdict(lambda: {"train": 0, "validation": 0})
+        for cat, split in zip(meta.categories, assignment, strict=True):
+            by_cat_split[cat]["train" if split == 1 else "validation"] += 1
+        target = cfg.target_count
+        cat_of = {meta.ids[i]: meta.categories[i] for i in range(kept) if assignment[i] == 1}
+        train_domains = Counter(cat_of.values())
+        return {
+            "dataset_name": self.dataset_name,
+            "dataset_id": dataset_id,
+            "config": cfg.model_dump(mode="json"),
+            "inputs": self.inputs,
+            "records": {
+                "read": sum(s["read"] for s in self.inputs),
+                "kept": kept,
+                "new": sum(1 for s in meta.fixed_split if s == 0),
+                "from_previous_version": sum(1 for s in meta.fixed_split if s != 0),
+                "rejected": sum(self.rejected_by_code.values()),
+            },
+            "rejected_by_reason": dict(self.rejected_by_code),
+            "rejected_examples": self.rejected_examples,
+            "pii_scrubbed": {t: self.pii.get(t, 0) for t in PII_TYPES},
+            "dedupe": {
+                "exact": self.rejected_by_code.get("exact_duplicate", 0),
+                "near": self.rejected_by_code.get("near_duplicate", 0),
+                "near_enabled": cfg.near_dedupe,
+                "near_threshold": cfg.near_threshold,
+                "lsh_bands": self.rules.bands,
+                "lsh_rows": self.rules.rows,
+            },
+            "counts_by_category": dict(Counter(meta.categories)),
+            "counts_by_source": dict(Counter(meta.sources)),
+            "lengths": {
+                "input_chars": _percentiles(meta.input_chars),
+                "output_chars": _percentiles(meta.output_chars),
+            },
+            "outputs": {
+                "empty": self.empty_outputs,
+                "short": sum(1 for n in meta.output_chars if n < cfg.short_output_chars),
+                "long": sum(1 for n in meta.output_chars if n > cfg.long_output_chars),
+                "short_below_chars": cfg.short_output_chars,
+                "long_above_chars": cfg.long_output_chars,
+            },
+            "target": None
+            if target is None
+            else {
+                "count": target,
+                "have": kept,
+                "gap": max(0, target - kept),
+                "progress": f"{kept:,} of {target:,}",
+            },
+            "split": {
+                "train": counts[1],
+                "validation": counts[2],
+                "validation_fraction": cfg.validation_fraction,
+                "seed": cfg.split_seed,
+                "by_category": dict(by_cat_split),
+            },
+            "curriculum": {
+                phase: {
+                    "records": len(m["record_ids"]),
+                    "by_domain": dict(Counter(cat_of[rid] for rid in m["record_ids"])),
+                }
+                for phase, m in manifests.items()
+            }
+            | {
+                "phase_b_weights": curriculum.phase_b_weights(
+                    train_domains, cfg.domain_weights, cfg.domain_temperature
+                )
+            },
+        }

@@ -1,0 +1,68 @@
+"""Record validation: role order, empty turns, prompt/answer length bounds, error text in
+answers. Each check returns the reason a record is rejected, or None."""
+
+from __future__ import annotations
+
+import re
+
+# Text that means the "answer" is a failure, not an answer: tracebacks, refusals, API errors.
+ERROR_TEXT = re.compile(
+    r"Traceback \(most recent call last\)"
+    r"|I'?m sorry,? (?:but )?I (?:cannot|can'?t|am unable|'m unable)"
+    r"|I apologi[sz]e,? but I (?:cannot|can'?t)"
+    r"|As an AI language model"
+    r"|openai\.(?:error|APIError|RateLimitError)"
+    r"|Rate ?limit (?:reached|exceeded)"
+    r"|insufficient_quota|context_length_exceeded|invalid_request_error"
+    r"|Internal Server Error|Service Unavailable|Bad Gateway|Gateway Timeout"
+    r"|Error code: [45]\d\d"
+    r'|"error":\s*\{',
+    re.IGNORECASE,
+)
+# Cheap prefilter: every pattern above contains one of these (lowercased) fragments.
+_ERROR_HINTS = (
+    "traceback",
+    "sorry",
+    "apologi",
+    "as an ai",
+    "openai",
+    "limit",
+    "_",
+    "error",
+    "server",
+    "unavailable",
+    "gateway",
+)
+
+
+def role_order_error(messages: list[dict[str, str]]) -> str | None:
+    """Optional leading system turn, then user/assistant alternating, ending on assistant."""
+    if not messages:
+        return "no messages"
+    start = 1 if messages[0]["role"] == "system" else 0
+    turns = messages[start:]
+    if not turns:
+        return "no user/assistant turns"
+    for i, message in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            return f"invalid role order: turn {i + start} is {message['role']}, expected {expected}"
+    if turns[-1]["role"] != "assistant":
+        return "invalid role order: the last turn is not an assistant answer"
+    return None
+
+
+def empty_turn_error(messages: list[dict[str, str]]) -> str | None:
+    for i, message in enumerate(messages):
+        if not message["content"].strip():
+            return f"empty turn {i} ({message['role']})"
+    return None
+
+
+def error_text(answer: str) -> str | None:
+    """The error-looking fragment of an answer, if there is one."""
+    lowered = answer.lower()
+    if not any(hint in lowered for hint in _ERROR_HINTS):
+        return None
+    match = ERROR_TEXT.search(answer)
+    return match.group(0)[:80] if match else None

@@ -1,0 +1,172 @@
+"""Parsing, normalisation and validation of single records and files."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import orjson
+import pytest
+
+from services.ingest.pipeline import formats, validate
+from services.ingest.pipeline.chunks import ChunkJob, Rules, process_chunk
+from services.ingest.pipeline.formats import RecordError, detect_format, iter_items, normalise
+from tests.unit.ingest.corpus import alpaca, openai, sharegpt
+
+P, A = "p" * 60, "a" * 120
+
+
+@pytest.mark.parametrize(
+    ("record", "fmt"),
+    [(alpaca(P, A), "alpaca"), (openai(P, A), "openai"), (sharegpt(P, A), "sharegpt")],
+)
+def test_each_format_normalises_to_chat(record, fmt):
+    assert detect_format(record) == fmt
+    messages = normalise(record, fmt)
+    assert [m["role"] for m in messages][-2:] == ["user", "assistant"]
+    assert messages[-1]["content"] == A
+    assert messages[-2]["content"] == P
+
+
+def test_alpaca_input_is_appended_to_the_instruction():
+    messages = normalise({"instruction": "Summarise", "input": "the text", "output": A}, "alpaca")
+    assert messages[0] == {"role": "user", "content": "Summarise\n\nthe text"}
+
+
+def test_openai_content_parts_are_joined():
+    rec = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+            },
+            {"role": "assistant", "content": "c"},
+        ]
+    }
+    assert normalise(rec, "openai")[0]["content"] == "ab"
+
+
+@pytest.mark.parametrize(
+    ("record", "fmt", "reason"),
+    [
+        ([1, 2], "alpaca", "not an object"),
+        ({"messages": "hi"}, "openai", "must be a list"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "openai", "unsupported role"),
+        ({"messages": [{"role": "user", "content": {"$gt": 1}}]}, "openai", "not a string"),
+        ({"conversations": [{"from": "martian", "value": "x"}]}, "sharegpt", "unsupported"),
+        ({"instruction": "x"}, "alpaca", "needs instruction and output"),
+        ({"instruction": None, "output": "y"}, "alpaca", "not a string"),
+    ],
+)
+def test_hostile_or_malformed_records_are_refused_with_a_reason(record, fmt, reason):
+    with pytest.raises(RecordError, match=reason):
+        normalise(record, fmt)
+
+
+def test_role_order_and_empty_turns():
+    ok = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "u"},
+        {"role": "assistant", "content": "a"},
+    ]
+    assert validate.role_order_error(ok) is None
+    assert "expected user" in validate.role_order_error(ok[:1] + ok[2:])  # type: ignore[operator]
+    assert "last turn" in validate.role_order_error(ok[:2])  # type: ignore[operator]
+    assert validate.role_order_error([]) == "no messages"
+    assert validate.empty_turn_error([{"role": "user", "content": "  \n"}]) is not None
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        'Traceback (most recent call last):\n  File "x.py", line 1',
+        "I'm sorry, I cannot help with that request.",
+        "I'm sorry, but I can't do that.",
+        "As an AI language model, I have no opinion.",
+        "openai.error.RateLimitError: Rate limit reached for requests",
+        "Error code: 429 - insufficient_quota",
+        '{"error": {"message": "context_length_exceeded"}}',
+        "502 Bad Gateway",
+    ],
+)
+def test_error_text_in_answers_is_detected(answer):
+    assert validate.error_text(answer) is not None
+
+
+def test_ordinary_answers_are_not_error_text():
+    for answer in (
+        "The error margin is 2%.",
+        "Sorry for the delay: here is the summary.",
+        "Raise ValueError when the input is negative.",
+    ):
+        assert validate.error_text(answer) is None
+
+
+def _run(items, fmt=None, **rules):
+    return process_chunk(
+        ChunkJob(
+            items=items,
+            format=fmt,
+            domain=None,
+            source="t",
+            trusted=False,
+            rules=Rules(near_dedupe=False, **rules),
+        )
+    )
+
+
+def test_length_bounds_are_configurable_and_reported():
+    short = orjson.dumps(alpaca("p" * 10, A))
+    long_answer = orjson.dumps(alpaca(P, "a" * 40_000))
+    good = orjson.dumps(alpaca(P, A))
+    result = _run([(1, short), (2, long_answer), (3, good)], "alpaca")
+    assert [(pos, code) for pos, code, _ in result.rejected] == [
+        (1, "input_too_short"),
+        (2, "output_too_long"),
+    ]
+    assert [k.position for k in result.kept] == [3]
+    relaxed = _run([(1, short)], "alpaca", min_input_chars=5)
+    assert len(relaxed.kept) == 1
+
+
+def test_broken_lines_are_reported_with_line_numbers_and_the_rest_kept(tmp_path: Path):
+    lines = [orjson.dumps(alpaca(P + str(i), A)) for i in range(5)]
+    lines.insert(2, b'{"instruction": "cut')
+    lines.insert(4, b"\xff\xfe not json")
+    lines.insert(5, b"")
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    result = _run(list(iter_items(path)), "alpaca")
+    assert [(pos, code) for pos, code, _ in result.rejected] == [(3, "parse"), (5, "parse")]
+    assert len(result.kept) == 5
+
+
+def test_json_arrays_and_gzip_are_streamed(tmp_path: Path):
+    rows = [sharegpt(P + str(i), A) for i in range(3)]
+    arr = tmp_path / "a.json"
+    arr.write_bytes(b"  \n" + orjson.dumps(rows))
+    gz = tmp_path / "b.jsonl.gz"
+    gz.write_bytes(gzip.compress(b"\n".join(orjson.dumps(r) for r in rows)))
+    parsed = list(iter_items(arr))
+    assert [pos for pos, _ in parsed] == [1, 2, 3]
+    assert parsed[0][1]["conversations"][0]["value"] == P + "0"
+    assert len(list(iter_items(gz))) == 3
+
+
+def test_a_truncated_json_array_reports_where_it_broke(tmp_path: Path):
+    arr = tmp_path / "a.json"
+    arr.write_bytes(orjson.dumps([alpaca(P, A)] * 3)[:-40])
+    items = iter_items(arr)
+    assert next(items)[0] == 1
+    with pytest.raises(RecordError, match="after element"):
+        list(items)
+
+
+def test_oversized_and_deeply_nested_lines_are_rejected(monkeypatch):
+    monkeypatch.setattr(formats, "MAX_RECORD_BYTES", 1000)
+    huge = orjson.dumps(alpaca(P, "a" * 2000))
+    nested = b"[" * 100_000 + b"]" * 100_000
+    result = _run([(1, huge), (2, nested), (3, b"null"), (4, b'"just a string"')])
+    codes = {pos: code for pos, code, _ in result.rejected}
+    assert codes == {1: "parse", 2: "parse", 3: "format", 4: "format"}
+    assert "longer than" in result.rejected[0][2]

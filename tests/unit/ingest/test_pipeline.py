@@ -1,0 +1,265 @@
+"""The whole pipeline on small corpora: dedupe, split, curriculum, versions, reports."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import orjson
+import pytest
+from pydantic import ValidationError
+
+from services.ingest.pipeline import curriculum
+from services.ingest.pipeline.formats import SourceFile
+from services.ingest.pipeline.run import Pipeline, previous_sources
+from services.ingest.settings import ProcessingConfig
+from tests.unit.ingest.corpus import alpaca, records, sentence, write_array, write_jsonl
+
+
+def run(tmp: Path, sources, config=None, name="line", previous=None, executor=None):
+    pipe = Pipeline(config or ProcessingConfig(), dataset_name=name, executor=executor)
+    return pipe.run(sources, workdir=tmp / f"out-{random.random()}", previous=previous)
+
+
+def read(path: Path) -> list[dict]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+def test_output_records_follow_the_split_contract(tmp_path: Path):
+    src = write_jsonl(tmp_path / "a.jsonl", records(30, seed=1, category="tax", source="seed"))
+    out = run(tmp_path, [SourceFile(src, "a.jsonl")])
+    rows = read(out.train_path) + read(out.validation_path)
+    assert len(rows) == 30 == out.kept
+    for row in rows:
+        assert set(row) == {"id", "messages", "category", "source"}
+        assert row["category"] == "tax" and row["source"] == "seed"
+        assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
+    assert len({r["id"] for r in rows}) == 30
+
+
+def test_exact_and_near_duplicates_are_removed_keeping_the_first(tmp_path: Path):
+    rows = records(20, seed=2)
+    exact = dict(rows[3])
+    exact["output"] = "  " + rows[3]["output"].upper() + " "  # same after normalising
+    words = rows[5]["output"].split()
+    words[len(words) // 2] = "changed"
+    near = dict(rows[5], output=" ".join(words))
+    src = write_jsonl(tmp_path / "a.jsonl", [*rows, exact, near])
+    out = run(tmp_path, [SourceFile(src, "a.jsonl")])
+    assert out.kept == 20
+    assert out.report["dedupe"]["exact"] == 1 and out.report["dedupe"]["near"] == 1
+    reasons = {e["line"]: e["reason"] for e in out.report["rejected_examples"]}
+    assert reasons == {21: "duplicate of a.jsonl:4", 22: "near-duplicate of a.jsonl:6"}
+    off = run(tmp_path, [SourceFile(src, "a.jsonl")], ProcessingConfig(near_dedupe=False))
+    assert off.kept == 21  # without near-dedupe only the exact copy goes
+
+
+def test_similar_but_different_records_are_kept(tmp_path: Path):
+    # Templated requests differing in their content words are not near-duplicates.
+    rows = [
+        alpaca(
+            f"Remind me to call {who} tomorrow at {h} pm about the quarterly report",
+            f'{{"intent": "reminder", "task": "call {who} about the quarterly report", '
+            f'"when": "tomorrow {h}:00", "notes": "' + "x" * 40 + '"}',
+        )
+        for who, h in [("mom", 5), ("dad", 6), ("the bank", 3), ("our auditor", 4)]
+    ]
+    src = write_jsonl(tmp_path / "t.jsonl", rows)
+    out = run(tmp_path, [SourceFile(src, "t.jsonl")], ProcessingConfig(min_output_chars=50))
+    assert out.kept == 4
+
+
+def test_split_is_deterministic_and_stratified(tmp_path: Path):
+    rows = records(100, seed=3, category="a") + records(40, seed=4, category="b")
+    src = write_jsonl(tmp_path / "s.jsonl", rows)
+    first = run(tmp_path, [SourceFile(src, "s.jsonl")])
+    second = run(tmp_path, [SourceFile(src, "s.jsonl")])
+    assert first.train_path.read_bytes() == second.train_path.read_bytes()
+    assert first.dataset_id == second.dataset_id
+    by_cat = first.report["split"]["by_category"]
+    assert by_cat == {"a": {"train": 90, "validation": 10}, "b": {"train": 36, "validation": 4}}
+    reseeded = run(tmp_path, [SourceFile(src, "s.jsonl")], ProcessingConfig(split_seed=7))
+    assert {r["id"] for r in read(reseeded.validation_path)} != {
+        r["id"] for r in read(first.validation_path)
+    }
+    assert reseeded.dataset_id != first.dataset_id  # the config is part of the version
+
+
+def test_domain_per_file_and_per_record(tmp_path: Path):
+    a = write_jsonl(tmp_path / "a.jsonl", records(5, seed=5))
+    b = write_array(tmp_path / "b.json", records(5, seed=6, fmt="sharegpt", domain="fx"))
+    out = run(tmp_path, [SourceFile(a, "a.jsonl", domain="credit"), SourceFile(b, "b.json")])
+    assert out.counts_by_category == {"credit": 5, "fx": 5}
+    assert out.counts_by_source == {"a": 5, "b": 5}
+    assert [i["format"] for i in out.report["inputs"]] == ["alpaca", "sharegpt"]
+
+
+def test_pii_is_scrubbed_before_anything_is_written(tmp_path: Path):
+    rows = records(3, seed=7)
+    rows[0]["output"] += " Reach me at jane.doe@example.com or (555) 123-4567."
+    rows[1]["instruction"] += " My card is 4111 1111 1111 1111 and SSN 123-45-6789."
+    src = write_jsonl(tmp_path / "p.jsonl", rows)
+    out = run(tmp_path, [SourceFile(src, "p.jsonl")])
+    written = out.train_path.read_bytes() + out.validation_path.read_bytes()
+    for secret in (b"jane.doe", b"123-4567", b"4111", b"6789"):
+        assert secret not in written
+    assert out.report["pii_scrubbed"] == {
+        "email": 1,
+        "iban": 0,
+        "card": 1,
+        "ssn": 1,
+        "ip": 0,
+        "phone": 1,
+    }
+    assert b"jane" not in out.rejects_path.read_bytes()
+
+
+def test_everything_rejected_gives_no_version(tmp_path: Path):
+    src = write_jsonl(tmp_path / "bad.jsonl", [alpaca("short", "short")] * 3)
+    out = run(tmp_path, [SourceFile(src, "bad.jsonl")])
+    assert out.dataset_id is None and out.kept == 0
+    assert out.report["rejected_by_reason"] == {"input_too_short": 3}
+
+
+def test_report_stats_and_target_gap(tmp_path: Path):
+    rows = records(10, seed=8)
+    rows.append(alpaca("p" * 60, ""))  # empty answer
+    src = write_jsonl(tmp_path / "r.jsonl", rows)
+    out = run(
+        tmp_path,
+        [SourceFile(src, "r.jsonl")],
+        ProcessingConfig(target_count=1200, short_output_chars=300),
+    )
+    rep = out.report
+    assert rep["target"] == {"count": 1200, "have": 10, "gap": 1190, "progress": "10 of 1,200"}
+    assert rep["outputs"]["empty"] == 1
+    assert rep["outputs"]["short"] == sum(1 for r in rows[:10] if len(r["output"]) < 300)
+    assert rep["lengths"]["output_chars"]["max"] == max(len(r["output"]) for r in rows[:10])
+
+
+def test_reingesting_on_top_of_the_previous_version_reproduces_it(tmp_path: Path):
+    src = write_jsonl(tmp_path / "a.jsonl", records(40, seed=9))
+    v1 = run(tmp_path, [SourceFile(src, "a.jsonl")])
+    prev = previous_sources(v1.train_path, v1.validation_path, "line@1")
+    again = run(tmp_path, [SourceFile(src, "a.jsonl")], previous=prev)
+    assert again.dataset_id == v1.dataset_id
+    assert again.report["dedupe"]["exact"] == 40 and again.new_records == 0
+    # New records extend the line; the old ones keep their split.
+    more = write_jsonl(tmp_path / "b.jsonl", records(20, seed=10))
+    v2 = run(tmp_path, [SourceFile(src, "a.jsonl"), SourceFile(more, "b.jsonl")], previous=prev)
+    assert v2.dataset_id != v1.dataset_id and v2.kept == 60 and v2.new_records == 20
+    old_val = {r["id"] for r in read(v1.validation_path)}
+    assert old_val <= {r["id"] for r in read(v2.validation_path)}
+    # A near-duplicate of a previous record is dropped too.
+    words = read(v1.train_path)[0]["messages"][-1]["content"].split()
+    words[3] = "different"
+    near = write_jsonl(
+        tmp_path / "n.jsonl",
+        [alpaca(read(v1.train_path)[0]["messages"][0]["content"], " ".join(words))],
+    )
+    v3 = run(tmp_path, [SourceFile(near, "n.jsonl")], previous=prev)
+    assert v3.report["dedupe"]["near"] == 1 and v3.dataset_id == v1.dataset_id
+
+
+def test_worker_processes_give_the_same_version(tmp_path: Path):
+    rows = records(300, seed=11) + records(50, seed=11)  # 50 exact duplicates
+    src = write_jsonl(tmp_path / "w.jsonl", rows)
+    inline = run(tmp_path, [SourceFile(src, "w.jsonl")])
+    with ProcessPoolExecutor(2) as pool:
+        import services.ingest.pipeline.run as run_module
+
+        old = run_module.CHUNK_RECORDS
+        run_module.CHUNK_RECORDS = 64  # several chunks in flight
+        try:
+            pooled = run(tmp_path, [SourceFile(src, "w.jsonl")], executor=pool)
+        finally:
+            run_module.CHUNK_RECORDS = old
+    assert pooled.dataset_id == inline.dataset_id
+    assert pooled.report["dedupe"]["exact"] == 50
+
+
+def test_unreadable_file_is_reported_and_other_files_still_ingested(tmp_path: Path):
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(b"\x1f\x8b" + b"not really gzip")
+    good = write_jsonl(tmp_path / "good.jsonl", records(5, seed=12))
+    out = run(tmp_path, [SourceFile(bad, "bad.jsonl.gz"), SourceFile(good, "good.jsonl")])
+    assert out.kept == 5
+    assert out.report["rejected_by_reason"] == {"file": 1}
+
+
+# ---------------------------------------------------------------- curriculum
+
+
+def test_curriculum_respects_weights_targets_and_seed():
+    rng = random.Random(0)
+    ids = [f"r{i}" for i in range(1000)]
+    domains = ["big"] * 700 + ["mid"] * 250 + ["small"] * 50
+    lengths = [rng.randint(100, 5000) for _ in ids]
+    kwargs = dict(
+        seed=42,
+        targets={"A": 500, "B": 600, "C": 30},
+        domain_weights={},
+        temperature=0.5,
+        stress_fraction=0.1,
+    )
+    m = curriculum.build_manifests(ids, domains, lengths, **kwargs)
+    assert [len(m[p]["record_ids"]) for p in "ABC"] == [500, 600, 30]
+    dom = dict(zip(ids, domains, strict=True))
+    a = [dom[r] for r in m["A"]["record_ids"]]
+    assert a == sorted(a)  # domain blocks
+    assert Counter(a) == {"big": 350, "mid": 125, "small": 25}  # proportional to size
+    b = Counter(dom[r] for r in m["B"]["record_ids"])
+    w = {d: n**0.5 for d, n in {"big": 700, "mid": 250, "small": 50}.items()}
+    for d in w:
+        assert abs(b[d] - 600 * w[d] / sum(w.values())) <= 1
+    assert max(b.values()) / 600 < 0.7 * 0.9  # the big domain no longer dominates
+    longest = set(sorted(ids, key=lambda r: -lengths[int(r[1:])])[:30])
+    assert set(m["C"]["record_ids"]) == longest
+    assert m == curriculum.build_manifests(ids, domains, lengths, **kwargs)
+    assert m["A"]["seed"] == 42 and set(m["A"]) == {"phase", "description", "seed", "record_ids"}
+    explicit = curriculum.build_manifests(
+        ids, domains, lengths, **{**kwargs, "domain_weights": {"big": 1, "mid": 1, "small": 2}}
+    )
+    assert Counter(dom[r] for r in explicit["B"]["record_ids"]) == {
+        "big": 150,
+        "mid": 150,
+        "small": 300,
+    }  # small repeats its 50 records
+
+
+def test_curriculum_interleaves_domains_in_phase_b():
+    ids = [f"r{i}" for i in range(200)]
+    domains = ["x"] * 100 + ["y"] * 100
+    m = curriculum.build_manifests(
+        ids,
+        domains,
+        [1] * 200,
+        seed=1,
+        targets={},
+        domain_weights={},
+        temperature=0.5,
+        stress_fraction=0.1,
+    )
+    b = [d for r in m["B"]["record_ids"] for d in [domains[int(r[1:])]]]
+    runs = sum(1 for i in range(1, len(b)) if b[i] != b[i - 1])
+    assert runs > 150  # alternating, not blocks
+
+
+def test_quotas_sum_exactly():
+    assert sum(curriculum.quotas(7, {"a": 1, "b": 1, "c": 1}).values()) == 7
+    assert curriculum.quotas(0, {"a": 1}) == {"a": 0}
+
+
+@pytest.mark.parametrize(
+    "bad", [{"validation_fraction": 1.5}, {"near_threshold": 0}, {"num_perm": 4}]
+)
+def test_processing_config_is_validated(bad):
+    with pytest.raises(ValidationError):
+        ProcessingConfig().with_overrides(bad)
+
+
+def test_sentence_helper_makes_unique_text():
+    rng = random.Random(1)
+    assert sentence(rng, 50) != sentence(rng, 50)
