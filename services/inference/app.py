@@ -1,0 +1,159 @@
+"""The inference service: AdapterQuantized → engine → ModelDeployed; keeps rollback targets warm.
+
+python -m services.inference.app        (HTTP port from INFERENCE_HTTP_PORT)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from typing import Any
+
+from fastapi import HTTPException
+
+from services.inference.engines.base import EngineBackend
+from services.inference.engines.client import EngineClient
+from services.inference.engines.local import LocalEngines
+from services.inference.rollout import Rollout, describe
+from services.inference.settings import InferenceSettings
+from shared.bus import Delivery
+from shared.events import AdapterQuantized, RolloutChanged
+from shared.service import ServiceRuntime, run_service
+from shared.settings import CommonSettings
+
+log = logging.getLogger(__name__)
+
+
+def make_backend(settings: InferenceSettings, runtime: ServiceRuntime) -> EngineBackend:
+    if settings.mode == "k8s":
+        from services.inference.engines.k8s import K8sEngines
+
+        backend: EngineBackend = K8sEngines(settings)
+        return backend
+    return LocalEngines(
+        vllm_python=str(settings.vllm_python),
+        llama_cpp_python=str(settings.llama_cpp_python) if settings.llama_cpp_python else None,
+        log_dir=runtime.common.home / "logs" / "engines",
+        host=settings.host,
+        stop_timeout_s=settings.stop_timeout_s,
+    )
+
+
+class InferenceRuntime(ServiceRuntime):
+    """The shared runtime plus engines: restored before consuming, stopped after."""
+
+    def __init__(
+        self,
+        settings: InferenceSettings | None = None,
+        common: CommonSettings | None = None,
+        *,
+        name: str = "inference",
+    ) -> None:
+        super().__init__(name, common)
+        self.settings = settings or InferenceSettings()
+        self.client = EngineClient()
+        self.rollout = Rollout(
+            db=self.db,
+            outbox=self,
+            store=self.store,
+            backend=make_backend(self.settings, self),
+            client=self.client,
+            settings=self.settings,
+        )
+        self._baseline_task: asyncio.Task[Any] | None = None
+        self.bus.subscribe(
+            AdapterQuantized,
+            self._on_adapter_quantized,
+            heartbeat=True,
+            ack_wait_s=self.settings.ack_wait_s,
+        )
+        self.bus.subscribe(RolloutChanged, self._on_rollout_changed)
+        self._add_routes()
+
+    async def _on_adapter_quantized(self, event: AdapterQuantized, delivery: Delivery) -> None:
+        await self.rollout.deploy(event)
+
+    async def _on_rollout_changed(self, event: RolloutChanged, delivery: Delivery) -> None:
+        await self.rollout.on_rollout_changed(event)
+
+    async def start(self) -> None:
+        await self.db.migrate()
+        await self.rollout.restore()
+        await super().start()
+        if self.settings.baseline_model:
+            self._baseline_task = asyncio.create_task(
+                self._deploy_baseline(self.settings.baseline_model), name="inference-baseline"
+            )
+
+    async def _deploy_baseline(self, base_model: str) -> None:
+        try:
+            row = await self.rollout.deploy_baseline(base_model)
+        except Exception:
+            log.exception("baseline deployment of %s failed", base_model)
+            return
+        if row is not None:
+            log.info("baseline %s: %s %s", base_model, row.id, row.status)
+
+    async def wait_baseline(self) -> None:
+        if self._baseline_task is not None:
+            await asyncio.shield(self._baseline_task)
+
+    async def stop(self) -> None:
+        if self._baseline_task is not None:
+            self._baseline_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._baseline_task
+        await self.relay.stop()
+        await self.bus.close()  # no new work while the engines go down
+        try:
+            await self.rollout.shutdown()  # records states only; nothing to publish
+        finally:
+            await self.db.dispose()
+            await self.client.close()
+            self._started = False
+
+    async def abandon(self) -> None:
+        """Stop this process's service side and leave the engines running, as a crash would
+        (tests use it to check that the next start re-adopts them)."""
+        if self._baseline_task is not None:
+            self._baseline_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._baseline_task
+        await super().stop()
+        await self.client.close()
+
+    async def ready(self) -> dict[str, bool]:
+        checks = await super().ready()
+        if self.settings.baseline_model:
+            rows = await self.rollout.deployments(live_only=True)
+            checks["baseline"] = any(r.role == "baseline" and r.status == "ready" for r in rows)
+        return checks
+
+    def _add_routes(self) -> None:
+        @self.http.get("/deployments")
+        async def list_deployments(live: bool = False) -> list[dict[str, Any]]:
+            return describe(await self.rollout.deployments(live_only=live))
+
+        @self.http.get("/deployments/{deployment_id}")
+        async def get_deployment(deployment_id: str) -> dict[str, Any]:
+            if len(deployment_id) > 64:
+                raise HTTPException(status_code=404, detail="no such deployment")
+            row = await self.rollout.get(deployment_id)
+            if row is None:
+                raise HTTPException(status_code=404, detail="no such deployment")
+            return describe([row])[0]
+
+
+async def serve() -> None:
+    runtime = InferenceRuntime()
+    await run_service(runtime, port=int(os.environ.get("INFERENCE_HTTP_PORT", "0")))
+
+
+def main() -> None:
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()

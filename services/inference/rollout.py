@@ -1,0 +1,582 @@
+"""Rollout: AdapterQuantized → a ready engine (or a hot-loaded LoRA) → ModelDeployed.
+
+State lives in ``inference_deployments``; every transition that other services must hear about
+is recorded with its event in one transaction (outbox). One rollout operation runs at a time
+(engines compete for the same cores and memory; a lock serialises them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any, Protocol, get_args
+from uuid import uuid4
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from services.inference.engines.base import EngineBackend, EngineHandle, EngineSpec
+from services.inference.engines.client import EngineClient, EngineError
+from services.inference.engines.profiles import EngineProfile, get_profile
+from services.inference.handlers import (
+    ModelFiles,
+    Plan,
+    Refused,
+    inspect_model,
+    pick_eviction,
+    plan_for,
+    promote,
+)
+from services.inference.models import LIVE_STATUSES, Deployment
+from services.inference.settings import InferenceSettings
+from shared.db import Database, utcnow
+from shared.events import (
+    AdapterQuantized,
+    ArtifactRef,
+    DeploymentFailed,
+    Engine,
+    Event,
+    ModelDeployed,
+    RolloutChanged,
+)
+from shared.storage import ArtifactCorrupted, ArtifactError, ArtifactNotFound, ArtifactStore
+
+log = logging.getLogger(__name__)
+
+PRODUCER = "inference"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._:\-]")
+
+
+class Outbox(Protocol):
+    def transaction(self) -> AbstractAsyncContextManager[AsyncSession]: ...
+
+    def emit(self, session: AsyncSession, event: Event) -> None: ...
+
+
+class CapacityFull(RuntimeError):
+    """Every engine slot holds a deployment that must stay; retry later."""
+
+
+def safe_id(text: str, *, prefix: str = "") -> str:
+    cleaned = _UNSAFE.sub("-", text).strip("-.:") or "model"
+    if len(prefix + cleaned) > 120:
+        digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+        cleaned = cleaned[: 120 - len(prefix) - 13] + "-" + digest
+    return prefix + cleaned
+
+
+def announced_engine(kind: str, profile: EngineProfile) -> Engine:
+    """What ModelDeployed says: ``vllm`` on a GPU, ``vllm-cpu`` without; llama.cpp is named
+    once the shared contract has a value for it (until then: ``vllm-cpu``, and the table
+    says ``llama-cpp``)."""
+    if kind == "llama-cpp" and "llama-cpp" in get_args(Engine):
+        return "llama-cpp"  # type: ignore[return-value]
+    return "vllm" if profile.device == "gpu" else "vllm-cpu"
+
+
+class Rollout:
+    def __init__(
+        self,
+        *,
+        db: Database,
+        outbox: Outbox,
+        store: ArtifactStore,
+        backend: EngineBackend,
+        client: EngineClient,
+        settings: InferenceSettings,
+        resolve_base: Callable[[str], str] | None = None,
+    ) -> None:
+        self.db = db
+        self.outbox = outbox
+        self.store = store
+        self.backend = backend
+        self.client = client
+        self.settings = settings
+        self.line = settings.served_model_name
+        self.profile = get_profile(settings.profile_name(), settings.profile_overrides)
+        self.lock = asyncio.Lock()
+        if resolve_base is None:
+            from shared.basemodels import resolve_base_model
+
+            resolve_base = resolve_base_model
+        self.resolve_base = resolve_base
+
+    # ------------------------------------------------------------------ queries
+
+    async def deployments(self, *, live_only: bool = False) -> list[Deployment]:
+        async with self.db.session() as s:
+            query = select(Deployment).order_by(col(Deployment.created_at))
+            if live_only:
+                query = query.where(col(Deployment.status).in_(LIVE_STATUSES))
+            return list((await s.exec(query)).all())
+
+    async def get(self, deployment_id: str) -> Deployment | None:
+        async with self.db.session() as s:
+            return await s.get(Deployment, deployment_id)
+
+    async def _by_key(self, key: str) -> Deployment | None:
+        async with self.db.session() as s:
+            found = await s.exec(select(Deployment).where(col(Deployment.dedupe_key) == key))
+            return found.first()
+
+    async def _save(self, row: Deployment, *events: Event) -> None:
+        row.updated_at = utcnow()
+        async with self.outbox.transaction() as s:
+            await s.merge(row)
+            for event in events:
+                self.outbox.emit(s, event)
+
+    @staticmethod
+    def handle_of(row: Deployment) -> EngineHandle:
+        return EngineHandle(
+            deployment_id=row.id,
+            endpoint=row.endpoint or "",
+            port=row.port,
+            pid=row.pid,
+            k8s_name=row.k8s_name,
+            log_path=Path(row.log_path) if row.log_path else None,
+        )
+
+    async def healthy(self, row: Deployment) -> bool:
+        host = row
+        if row.host_deployment_id:
+            found = await self.get(row.host_deployment_id)
+            if found is None:
+                return False
+            host = found
+        if not host.endpoint or not self.backend.alive(self.handle_of(host)):
+            return False
+        return row.upstream_name in await self.client.models(host.endpoint)
+
+    # ------------------------------------------------------------------ rollout
+
+    async def deploy(self, event: AdapterQuantized) -> Deployment:
+        """Handle one AdapterQuantized (idempotent: a redelivery starts nothing new)."""
+        async with self.lock:
+            return await self._deploy(event)
+
+    async def _deploy(self, event: AdapterQuantized) -> Deployment:
+        key = f"model:{event.model_id}:{event.format}:{self.line}"
+        row = await self._by_key(key)
+        if row is not None and (
+            row.status in ("failed", "retired", "gone")
+            or (row.status == "ready" and await self.healthy(row))
+        ):
+            log.info("deployment %s for %s is %s: nothing to do", row.id, key, row.status)
+            return row
+        if row is None:
+            row = await self._new_row(key, event)
+            if row.status != "starting":
+                return row
+        try:
+            plan = plan_for(
+                event.format, profile=self.profile, gguf_engine=self.settings.gguf_engine
+            )
+        except Refused as exc:
+            return await self._fail(row, str(exc), retryable=False, cause=event)
+        row.engine = "llama-cpp" if plan.engine_kind == "llama-cpp" else plan.engine
+        try:
+            started = time.monotonic()
+            path = await self.store.fetch_dir(event.artifact)
+            row.fetch_s = time.monotonic() - started
+            files = await asyncio.to_thread(
+                inspect_model, path, event.format, max_lora_rank=self.settings.max_lora_rank
+            )
+        except (ArtifactCorrupted, ArtifactNotFound) as exc:
+            return await self._fail(row, f"model artifact unusable: {exc}", False, cause=event)
+        except Refused as exc:
+            return await self._fail(row, str(exc), retryable=False, cause=event)
+        except ArtifactError as exc:  # anything else from the store may pass: retry
+            raise RuntimeError(f"fetching {event.artifact.uri}: {exc}") from exc
+        row.model_path = files.model_path
+        if plan.kind == "lora":
+            return await self._hot_load(row, files, event)
+        return await self._start(row, files, plan, cause=event)
+
+    async def _new_row(self, key: str, event: AdapterQuantized) -> Deployment:
+        row = Deployment(
+            id=f"dep-{uuid4().hex[:16]}",
+            dedupe_key=key,
+            run_id=event.run_id,
+            source_event_id=str(event.event_id),
+            model_id=event.model_id,
+            adapter_id=event.adapter_id,
+            dataset_id=event.dataset_id,
+            base_model=event.base_model,
+            format=event.format,
+            role="candidate",
+            served_model_name=self.line,
+            upstream_name=self.line,
+            engine="vllm",
+            mode=self.backend.mode,
+            profile=self.profile.name,
+            status="starting",
+            artifact_uri=event.artifact.uri,
+            artifact_sha256=event.artifact.sha256,
+            artifact_size=event.artifact.size_bytes,
+            validation_json=event.validation.model_dump_json() if event.validation else None,
+        )
+        if event.format == "adapter":
+            row.upstream_name = safe_id(event.adapter_id, prefix=f"{self.line}-")
+        try:
+            async with self.db.session() as s:
+                s.add(row)
+        except IntegrityError:  # another delivery created it first
+            existing = await self._by_key(key)
+            assert existing is not None
+            return existing
+        return row
+
+    async def _evict_if_full(self, starting: Deployment) -> None:
+        while True:
+            others = [d for d in await self.deployments(live_only=True) if d.id != starting.id]
+            victim = pick_eviction(others, max_engines=self.settings.max_engines)
+            if victim is False:
+                return
+            if victim is None:
+                raise CapacityFull(
+                    f"all {self.settings.max_engines} engine slots hold stable, previous-stable "
+                    "or baseline deployments (INFERENCE_MAX_ENGINES)"
+                )
+            row = await self.get(str(victim))
+            assert row is not None
+            log.info("engine budget full: retiring %s", row.id)
+            await self._retire(row, reason="evicted: engine budget full")
+
+    def _spec(self, row: Deployment, files: ModelFiles, kind: str) -> EngineSpec:
+        names = (row.upstream_name,) if kind == "llama-cpp" else (row.upstream_name, row.id)
+        return EngineSpec(
+            deployment_id=row.id,
+            kind="llama-cpp" if kind == "llama-cpp" else "vllm",
+            model_path=files.model_path,
+            tokenizer=files.tokenizer,
+            served_names=names,
+            profile=self.profile,
+            enable_lora=self.settings.enable_lora and kind == "vllm" and row.role == "baseline",
+            max_loras=self.settings.max_loras,
+            max_lora_rank=self.settings.max_lora_rank,
+            port=row.port,
+        )
+
+    async def _start(
+        self, row: Deployment, files: ModelFiles, plan: Plan, *, cause: Event | None
+    ) -> Deployment:
+        try:
+            await self._evict_if_full(row)
+        except CapacityFull as exc:
+            return await self._fail(row, str(exc), retryable=True, cause=cause)
+        kind = plan.engine_kind
+        old_endpoint = row.endpoint
+        announced = row.ready_at is not None
+        handle = await self.backend.start(self._spec(row, files, kind))
+        row.pid, row.port, row.endpoint = handle.pid, handle.port, handle.endpoint
+        row.k8s_name = handle.k8s_name
+        row.log_path = str(handle.log_path) if handle.log_path else None
+        row.status = "starting"
+        await self._save(row)  # a crash from here on leaves a row to adopt or clean up
+        return await self._finish_start(row, handle, plan, cause, announced, old_endpoint)
+
+    async def _finish_start(
+        self,
+        row: Deployment,
+        handle: EngineHandle,
+        plan: Plan,
+        cause: Event | None,
+        announced: bool,
+        old_endpoint: str | None,
+    ) -> Deployment:
+        kind = plan.engine_kind
+        try:
+            row.start_s, row.ready_s = await self.client.wait_ready(
+                handle.endpoint,
+                row.upstream_name,
+                timeout_s=self.settings.start_timeout_s,
+                smoke_timeout_s=self.settings.smoke_timeout_s,
+                alive=lambda: self.backend.alive(handle),
+                vllm=kind == "vllm",
+            )
+        except EngineError as exc:
+            return await self._fail(row, f"engine not ready: {exc}", False, cause, handle)
+        except BaseException:
+            await self.backend.stop(handle)  # cancelled: leave nothing running
+            raise
+        row.status = "ready"
+        row.ready_at = row.ready_at or utcnow()
+        row.reason = None
+        if announced and old_endpoint == row.endpoint:
+            await self._save(row)  # restarted in place: the gateway's route still holds
+        else:
+            await self._save(row, self._deployed(row, plan.engine, cause))
+        log.info("deployment %s ready at %s", row.id, row.endpoint)
+        return row
+
+    def _deployed(self, row: Deployment, engine: Engine, cause: Event | None) -> ModelDeployed:
+        fields: dict[str, Any] = {
+            "producer": PRODUCER,
+            "deployment_id": row.id,
+            "model_id": row.model_id,
+            "engine": engine,
+            "endpoint": row.endpoint,
+            "served_model_name": row.upstream_name,
+            "format": row.format,
+            "role": row.role,
+            "dataset_id": row.dataset_id,
+            "validation": ArtifactRef.model_validate_json(row.validation_json)
+            if row.validation_json
+            else None,
+        }
+        if cause is not None and cause.run_id == row.run_id:
+            return cause.follow(ModelDeployed, **fields)
+        return ModelDeployed(run_id=row.run_id, **fields)
+
+    async def _fail(
+        self,
+        row: Deployment,
+        reason: str,
+        retryable: bool,
+        cause: Event | None = None,
+        handle: EngineHandle | None = None,
+    ) -> Deployment:
+        """Tear down, keep the log's tail in the artifact store, publish DeploymentFailed."""
+        if handle is not None:
+            await self.backend.stop(handle)
+            tail = await self.backend.log_tail(handle, self.settings.log_tail_bytes)
+            if tail:
+                try:
+                    ref = await self.store.put_bytes(
+                        tail, kind="inference-logs", name=f"{row.id}.log"
+                    )
+                    row.log_uri = ref.uri
+                except Exception as exc:  # the failure is reported either way
+                    log.warning("could not keep the log tail of %s: %r", row.id, exc)
+                last = tail.decode(errors="replace").strip().splitlines()[-15:]
+                reason = f"{reason}\nengine log (tail): {row.log_uri}\n" + "\n".join(last)
+        row.status = "failed"
+        row.reason = reason[:8000]
+        row.pid = None
+        event_fields: dict[str, Any] = {
+            "producer": PRODUCER,
+            "reason": row.reason,
+            "retryable": retryable,
+            "model_id": row.model_id,
+            "failed_event_id": cause.event_id if cause else None,
+        }
+        if cause is not None:
+            failed = cause.follow(DeploymentFailed, **event_fields)
+        else:
+            failed = DeploymentFailed(run_id=row.run_id, **event_fields)
+        if retryable:  # a later delivery (or a replay) may try again with the same key
+            row.dedupe_key = f"{row.dedupe_key}#failed-{row.id}"[:255]
+        await self._save(row, failed)
+        log.error("deployment %s failed: %s", row.id, reason.splitlines()[0])
+        return row
+
+    async def _hot_load(
+        self, row: Deployment, files: ModelFiles, event: AdapterQuantized
+    ) -> Deployment:
+        if self.backend.mode != "local":
+            return await self._fail(
+                row, "LoRA hot-loading is implemented for local engines only", False, event
+            )
+        host = await self._ensure_baseline(event.base_model)
+        if host is None or host.status != "ready" or not host.endpoint:
+            reason = f"no running base engine for {event.base_model!r} to hot-load the LoRA into"
+            return await self._fail(row, reason, retryable=True, cause=event)
+        row.host_deployment_id = host.id
+        row.endpoint = host.endpoint
+        try:
+            if row.upstream_name not in await self.client.models(host.endpoint):
+                await self.client.load_lora(host.endpoint, row.upstream_name, files.model_path)
+            started = time.monotonic()
+            _, row.ready_s = await self.client.wait_ready(
+                host.endpoint,
+                row.upstream_name,
+                timeout_s=30,
+                smoke_timeout_s=self.settings.smoke_timeout_s,
+            )
+            row.start_s = time.monotonic() - started
+        except EngineError as exc:
+            return await self._fail(row, f"LoRA hot-load failed: {exc}", False, event)
+        row.status = "ready"
+        row.ready_at = utcnow()
+        await self._save(row, self._deployed(row, announced_engine("vllm", self.profile), event))
+        return row
+
+    # ------------------------------------------------------------------ baseline
+
+    async def deploy_baseline(self, base_model: str) -> Deployment | None:
+        async with self.lock:
+            return await self._ensure_baseline(base_model)
+
+    async def _ensure_baseline(self, base_model: str) -> Deployment | None:
+        key = f"baseline:{base_model}:{self.line}"
+        row = await self._by_key(key)
+        if row is not None and row.status == "ready" and await self.healthy(row):
+            return row
+        if row is not None and row.status in ("failed", "retired"):
+            return row
+        if row is None:
+            digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+            row = Deployment(
+                id=f"dep-{uuid4().hex[:16]}",
+                dedupe_key=key,
+                run_id=f"run-baseline-{digest}",
+                model_id=safe_id(base_model, prefix="base-"),
+                base_model=base_model,
+                format="bf16-merged",
+                role="baseline",
+                served_model_name=self.line,
+                upstream_name=self.line,
+                engine=announced_engine("vllm", self.profile),
+                mode=self.backend.mode,
+                profile=self.profile.name,
+                status="starting",
+            )
+            if not any(
+                d.stable_rank == 0 and d.served_model_name == self.line
+                for d in await self.deployments(live_only=True)
+            ):
+                row.stable_rank = 0
+            async with self.db.session() as s:
+                s.add(row)
+        try:
+            path = await asyncio.to_thread(self.resolve_base, base_model)
+        except Exception as exc:
+            return await self._fail(row, f"base model {base_model!r}: {exc}", retryable=False)
+        row.model_path = path
+        plan = Plan("engine", "vllm", announced_engine("vllm", self.profile))
+        return await self._start(row, ModelFiles(model_path=path), plan, cause=None)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def on_rollout_changed(self, event: RolloutChanged) -> None:
+        if event.served_model_name != self.line:
+            return
+        async with self.lock:
+            rows = await self.deployments()
+            target = next((d for d in rows if d.id == event.deployment_id), None)
+            if target is None:
+                return
+            if event.action == "promoted":
+                plan = promote(rows, target.id)
+                for d in rows:
+                    rank = 0 if d.id == plan.stable else 1 if d.id == plan.previous else None
+                    if d.stable_rank != rank:
+                        d.stable_rank = rank
+                        await self._save(d)
+                for victim in plan.retire:
+                    row = await self.get(victim)
+                    if row is not None:
+                        await self._retire(row, reason=f"retired: {target.id} promoted")
+            elif event.action in ("rolled_back", "refused") and target.stable_rank is None:
+                await self._retire(target, reason=f"retired: {event.action} by the gateway")
+
+    async def _retire(self, row: Deployment, *, reason: str) -> None:
+        if row.host_deployment_id:
+            host = await self.get(row.host_deployment_id)
+            if host and host.endpoint:
+                try:
+                    await self.client.unload_lora(host.endpoint, row.upstream_name)
+                except (EngineError, OSError) as exc:
+                    log.warning("unloading %s: %r", row.upstream_name, exc)
+        else:
+            for d in await self.deployments(live_only=True):
+                if d.host_deployment_id == row.id:
+                    await self._retire(d, reason=f"retired with its engine {row.id}")
+            await self.backend.stop(self.handle_of(row))
+        row.status = "retired"
+        row.reason = reason
+        row.stable_rank = None
+        row.pid = None
+        await self._save(row)
+
+    async def restore(self) -> None:
+        """At start-up: re-adopt engines that outlived the previous run, restart the ones that
+        should be running and are not, and mark what cannot come back as gone."""
+        async with self.lock:
+            rows = [
+                d for d in await self.deployments(live_only=True) if d.mode == self.backend.mode
+            ]
+            for row in sorted(rows, key=lambda d: (not d.has_engine, d.created_at)):
+                try:
+                    await self._restore_one(row)
+                except Exception as exc:
+                    log.exception("restoring %s failed", row.id)
+                    row = await self.get(row.id) or row
+                    if row.status in LIVE_STATUSES:
+                        row.status, row.reason, row.pid = "gone", f"restore failed: {exc!r}", None
+                        await self._save(row)
+
+    async def _restore_one(self, row: Deployment) -> None:
+        kind = "llama-cpp" if row.engine == "llama-cpp" else "vllm"
+        plan = Plan("engine", kind, announced_engine(kind, self.profile))  # type: ignore[arg-type]
+        if await self.healthy(row):
+            log.info("re-adopted %s (pid %s) at %s", row.id, row.pid, row.endpoint)
+            if row.status != "ready" and row.has_engine:  # its start was interrupted
+                announced = row.ready_at is not None
+                await self._finish_start(
+                    row, self.handle_of(row), plan, None, announced, row.endpoint
+                )
+            elif row.status != "ready":
+                row.status = "ready"
+                await self._save(row)
+            return
+        if row.has_engine and row.pid and self.backend.alive(self.handle_of(row)):
+            await self.backend.stop(self.handle_of(row))  # alive but not serving: no orphans
+        if row.host_deployment_id:
+            host = await self.get(row.host_deployment_id)
+            if host is None or host.status != "ready" or not row.model_path:
+                row.status, row.reason = "gone", "its base engine is gone"
+                await self._save(row)
+                return
+            if row.upstream_name not in await self.client.models(host.endpoint or ""):
+                await self.client.load_lora(host.endpoint or "", row.upstream_name, row.model_path)
+            row.status = "ready"
+            await self._save(row)
+            return
+        path = row.model_path
+        if not path or not await asyncio.to_thread(Path(path).exists):
+            if row.role == "baseline":
+                path = await asyncio.to_thread(self.resolve_base, row.base_model)
+            elif row.artifact_uri and row.artifact_sha256 and row.artifact_size is not None:
+                ref = ArtifactRef(
+                    uri=row.artifact_uri, sha256=row.artifact_sha256, size_bytes=row.artifact_size
+                )
+                fetched = await self.store.fetch_dir(ref)
+                fmt: Any = row.format
+                files = inspect_model(fetched, fmt, max_lora_rank=self.settings.max_lora_rank)
+                path = files.model_path
+        if not path:
+            row.status, row.reason = "gone", "model files unavailable"
+            await self._save(row)
+            return
+        tokenizer = None
+        if kind == "llama-cpp" and Path(path).parent.joinpath("tokenizer_config.json").exists():
+            tokenizer = str(Path(path).parent)
+        log.info("restarting %s (%s)", row.id, row.status)
+        await self._start(row, ModelFiles(model_path=path, tokenizer=tokenizer), plan, cause=None)
+
+    async def shutdown(self) -> None:
+        """Service stopping: stop the engines (unless configured to leave them running)."""
+        if not self.settings.stop_engines_on_exit:
+            return
+        for row in await self.deployments(live_only=True):
+            if row.has_engine and row.mode == self.backend.mode and row.pid is not None:
+                await self.backend.stop(self.handle_of(row))
+                row.status = "stopped"
+                row.pid = None
+                await self._save(row)
+        await self.backend.stop_all()
+
+
+def describe(rows: list[Deployment]) -> list[dict[str, Any]]:
+    """Rows as plain dicts (CLI and HTTP)."""
+    return [json.loads(r.model_dump_json()) for r in rows]

@@ -1,0 +1,309 @@
+"""The inference service's lifecycle with real engines that start in seconds (llama.cpp serving
+a real GGUF), real nats-server, SQLite and PostgreSQL: rollout, idempotent redelivery,
+re-adoption after a crash, restart after a clean stop, promotion/retirement, the engine
+budget, failures and hostile input."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from services.inference.app import InferenceRuntime
+from shared.bus import EventBus
+from shared.events import DeploymentFailed, ModelDeployed, RolloutChanged
+from shared.subjects import Namespace
+from tests.integration.inference.conftest import (
+    events_of,
+    inference_settings,
+    outcome,
+    pid_alive,
+    quantized,
+    service_settings,
+    upload,
+)
+from tests.integration.streams import eventually, read_stream
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def common(nats_server, prefix, database_url, tmp_path, span_file):
+    return service_settings(
+        nats_url=nats_server.url,
+        prefix=prefix,
+        database_url=database_url,
+        home=tmp_path / "home",
+        store_url=(tmp_path / "store").as_uri(),
+    )
+
+
+async def completion(endpoint: str, model: str) -> str:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{endpoint}/completions",
+            json={
+                "model": model,
+                "prompt": "The capital of France is",
+                "max_tokens": 8,
+                "temperature": 0,
+            },
+        ) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+        body = await resp.json()
+        return str(body["choices"][0]["text"])
+
+
+async def publish(common, event) -> None:
+    async with EventBus(common.bus_settings(), service="test") as bus:
+        await bus.publish(event)
+
+
+async def test_gguf_rollout_is_idempotent_readopted_after_crash_and_restarted_after_stop(
+    common, make_runtime, gguf_model_dir, nats_server, prefix
+):
+    settings = inference_settings()
+    runtime = await make_runtime(common, settings)
+    artifact = await upload(runtime.store, gguf_model_dir)
+    event = quantized(artifact, format="gguf-q4_k_m", model_id="m-gguf")
+    await publish(common, event)
+
+    deployed = await outcome(nats_server.url, prefix, "m-gguf", timeout_s=120)
+    assert isinstance(deployed, ModelDeployed), deployed
+    assert deployed.causation_id == event.event_id and deployed.run_id == event.run_id
+    assert deployed.engine == "vllm-cpu" and deployed.format == "gguf-q4_k_m"
+    assert deployed.served_model_name == "tuneloop"
+    assert (await completion(deployed.endpoint, "tuneloop")).strip()
+    [row] = await runtime.rollout.deployments()
+    assert row.engine == "llama-cpp" and row.status == "ready" and pid_alive(row.pid)
+    assert row.fetch_s is not None and row.start_s is not None and row.ready_s is not None
+
+    # A redelivery (same payload, new message id: past the broker's dedupe) starts nothing.
+    ns = Namespace(prefix)
+    async with EventBus(common.bus_settings(), service="test") as bus:
+        await bus.publish_raw(
+            ns.subject(event.subject), event.model_dump_json().encode(), msg_id=str(uuid.uuid4())
+        )
+    consumer_seen = await eventually(
+        lambda: _acked_all(nats_server.url, ns.stream), timeout_s=30, what="redelivery handled"
+    )
+    assert consumer_seen
+    rows = await runtime.rollout.deployments()
+    assert [(r.id, r.pid) for r in rows] == [(row.id, row.pid)]
+    assert len(await events_of(nats_server.url, prefix, ModelDeployed)) == 1
+
+    # HTTP side: listing, one deployment, hostile ids.
+    from fastapi.testclient import TestClient
+
+    with TestClient(runtime.http) as http:
+        assert [d["id"] for d in http.get("/deployments").json()] == [row.id]
+        assert http.get(f"/deployments/{row.id}").json()["status"] == "ready"
+        assert http.get("/deployments/" + "x" * 5000).status_code == 404
+        assert http.get("/deployments/..%2F..%2Fetc%2Fpasswd").status_code == 404
+        assert http.get("/deployments/' OR 1=1 --").status_code == 404
+
+    # A crash of the service (engines survive) → the next start re-adopts, starts nothing.
+    await runtime.abandon()
+    again = await make_runtime(common, settings)
+    [adopted] = await again.rollout.deployments()
+    assert adopted.pid == row.pid and adopted.status == "ready" and pid_alive(row.pid)
+    assert len(await events_of(nats_server.url, prefix, ModelDeployed)) == 1
+
+    # A clean stop stops the engine; the next start brings it back on the same endpoint.
+    await again.stop()
+    await eventually(lambda: not pid_alive(row.pid), timeout_s=30, what="engine stopped")
+    [stopped] = await again.rollout.deployments()
+    assert stopped.status == "stopped"
+    third = await make_runtime(common, settings)
+    [restarted] = await third.rollout.deployments()
+    assert restarted.status == "ready" and restarted.pid != row.pid
+    assert restarted.endpoint == row.endpoint
+    assert (await completion(restarted.endpoint or "", "tuneloop")).strip()
+    # Same endpoint: the gateway's route still holds, nothing new to announce.
+    assert len(await events_of(nats_server.url, prefix, ModelDeployed)) == 1
+    await third.stop()
+    assert not pid_alive(restarted.pid)
+
+
+async def _acked_all(nats_url: str, stream: str) -> bool:
+    import nats
+
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        for info in await js.consumers_info(stream):
+            if info.num_pending or info.num_ack_pending:
+                return False
+        return True
+    finally:
+        await nc.close()
+
+
+async def test_promotion_keeps_stable_and_previous_warm_retires_older_and_bounds_engines(
+    common, make_runtime, gguf_model_dir, nats_server, prefix
+):
+    runtime = await make_runtime(common, inference_settings(max_engines=3))
+    artifact = await upload(runtime.store, gguf_model_dir)
+    ids = {}
+    for n in (1, 2, 3):
+        await publish(common, quantized(artifact, format="gguf-q4_k_m", model_id=f"m{n}"))
+        deployed = await outcome(nats_server.url, prefix, f"m{n}", timeout_s=120)
+        assert isinstance(deployed, ModelDeployed), deployed
+        ids[n] = deployed.deployment_id
+
+    for n in (1, 2, 3):
+        await publish(
+            common,
+            RolloutChanged(
+                run_id="run-x",
+                producer="gateway",
+                served_model_name="tuneloop",
+                deployment_id=ids[n],
+                action="promoted",
+                weight=1.0,
+            ),
+        )
+
+    async def ranks() -> dict[int, tuple[str, int | None]]:
+        rows = {r.id: r for r in await runtime.rollout.deployments()}
+        return {n: (rows[ids[n]].status, rows[ids[n]].stable_rank) for n in ids}
+
+    want = {1: ("retired", None), 2: ("ready", 1), 3: ("ready", 0)}
+    await eventually(lambda: _eq(ranks(), want), timeout_s=60, what="promotions applied")
+    rows = {r.id: r for r in await runtime.rollout.deployments()}
+    assert rows[ids[1]].pid is None
+
+    # Budget 3: m2 (previous stable) + m3 (stable) + m4 fit; m5 evicts m4, never m2/m3.
+    for n in (4, 5):
+        await publish(common, quantized(artifact, format="gguf-q4_k_m", model_id=f"m{n}"))
+        deployed = await outcome(nats_server.url, prefix, f"m{n}", timeout_s=120)
+        assert isinstance(deployed, ModelDeployed), deployed
+        ids[n] = deployed.deployment_id
+    rows = {r.id: r for r in await runtime.rollout.deployments()}
+    assert rows[ids[4]].status == "retired" and "evicted" in (rows[ids[4]].reason or "")
+    assert {rows[ids[n]].status for n in (2, 3, 5)} == {"ready"}
+    live = [r for r in rows.values() if r.status == "ready"]
+    assert len(live) == 3 and all(pid_alive(r.pid) for r in live)
+
+    # Each promotion retires what is older than the previous stable; eviction only ever
+    # takes a plain candidate.
+    await publish(
+        common,
+        RolloutChanged(
+            run_id="run-x",
+            producer="gateway",
+            served_model_name="tuneloop",
+            deployment_id=ids[5],
+            action="promoted",
+            weight=1.0,
+        ),
+    )
+    await eventually(lambda: _eq(_rank_of(runtime, ids[5]), 0), timeout_s=30, what="m5 promoted")
+    # Now m5 stable, m3 previous, m2 retired: a slot is free for m6.
+    await publish(common, quantized(artifact, format="gguf-q4_k_m", model_id="m6"))
+    assert isinstance(await outcome(nats_server.url, prefix, "m6", 120), ModelDeployed)
+    await publish(
+        common,
+        RolloutChanged(
+            run_id="run-x",
+            producer="gateway",
+            served_model_name="tuneloop",
+            deployment_id=(await outcome(nats_server.url, prefix, "m6")).deployment_id,
+            action="promoted",
+            weight=1.0,
+        ),
+    )
+    await eventually(lambda: _eq(_rank_of(runtime, ids[5]), 1), timeout_s=30, what="m6 stable")
+    await publish(common, quantized(artifact, format="gguf-q4_k_m", model_id="m7"))
+    out = await outcome(nats_server.url, prefix, "m7", 120)
+    assert isinstance(out, ModelDeployed)  # m3 was retired by m6's promotion
+    await publish(common, quantized(artifact, format="gguf-q4_k_m", model_id="m8"))
+    out = await outcome(nats_server.url, prefix, "m8", 120)
+    assert isinstance(out, ModelDeployed)  # m7 (a plain candidate) was evicted for it
+
+
+async def _rank_of(runtime: InferenceRuntime, deployment_id: str) -> int | None:
+    row = await runtime.rollout.get(deployment_id)
+    return row.stable_rank if row else None
+
+
+async def _eq(value, want) -> bool:
+    return (await value) == want
+
+
+async def test_corrupt_missing_and_hostile_artifacts_fail_cleanly_and_the_service_goes_on(
+    common, make_runtime, gguf_model_dir, nats_server, prefix, tmp_path
+):
+    runtime = await make_runtime(common, inference_settings())
+    artifact = await upload(runtime.store, gguf_model_dir)
+
+    # Corrupt: the stored GGUF's bytes changed after upload (sha256 no longer matches).
+    manifest = await runtime.store.get_bytes(artifact)
+    import json
+
+    entry = json.loads(manifest)["files"][0]
+    stored = Path(entry["uri"].removeprefix("file://"))
+    os.chmod(stored, 0o644)
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    stored.write_bytes(bytes(data))
+    await publish(common, quantized(artifact, format="gguf-q4_k_m", model_id="m-corrupt"))
+    failed = await outcome(nats_server.url, prefix, "m-corrupt", 60)
+    assert isinstance(failed, DeploymentFailed) and not failed.retryable
+    assert "sha256" in failed.reason
+
+    # Hostile: two GGUFs in one artifact; a checkpoint without config.json.
+    two = tmp_path / "two"
+    two.mkdir()
+    (two / "a.gguf").write_bytes(b"GGUF" + os.urandom(64))
+    (two / "b.gguf").write_bytes(b"GGUF" + os.urandom(64))
+    ref = await upload(runtime.store, two)
+    await publish(common, quantized(ref, format="gguf-q4_k_m", model_id="m-two"))
+    failed = await outcome(nats_server.url, prefix, "m-two", 60)
+    assert isinstance(failed, DeploymentFailed) and ".gguf files" in failed.reason
+    empty = tmp_path / "noconfig"
+    empty.mkdir()
+    (empty / "model.safetensors").write_bytes(os.urandom(128))
+    ref = await upload(runtime.store, empty)
+    await publish(common, quantized(ref, model_id="m-noconfig"))
+    failed = await outcome(nats_server.url, prefix, "m-noconfig", 60)
+    assert isinstance(failed, DeploymentFailed) and "config.json" in failed.reason
+
+    # GPU-only format on this CPU machine: refused with the reason, never retried.
+    await publish(common, quantized(artifact, format="awq-w4a16", model_id="m-awq"))
+    failed = await outcome(nats_server.url, prefix, "m-awq", 60)
+    assert isinstance(failed, DeploymentFailed) and not failed.retryable
+    assert "GPU" in failed.reason
+
+    # A GGUF that is not one (right hash, garbage bytes): the engine fails to load it;
+    # torn down, log tail kept in the store, the reason says so.
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.gguf").write_bytes(b"GGUF" + os.urandom(4096))
+    ref = await upload(runtime.store, bad)
+    await publish(common, quantized(ref, format="gguf-q4_k_m", model_id="m-bad"))
+    failed = await outcome(nats_server.url, prefix, "m-bad", 120)
+    assert isinstance(failed, DeploymentFailed), failed
+    assert "engine not ready" in failed.reason and "engine log (tail)" in failed.reason
+    rows = {r.model_id: r for r in await runtime.rollout.deployments()}
+    assert rows["m-bad"].status == "failed" and rows["m-bad"].log_uri
+    assert Path(rows["m-bad"].log_uri.removeprefix("file://")).stat().st_size > 0
+    assert all(not pid_alive(r.pid) for r in rows.values())
+
+    # Malformed payload on the subject: dead-lettered by the bus, the service goes on.
+    ns = Namespace(prefix)
+    async with EventBus(common.bus_settings(), service="test") as bus:
+        await bus.publish_raw(
+            ns.subject("adapter.quantized"), b'{"not": "an event"' * 1000, msg_id="junk-1"
+        )
+    await eventually(
+        lambda: read_stream(nats_server.url, ns.dead_letter_stream), timeout_s=30, what="DLQ"
+    )
+    await publish(common, quantized(artifact, format="gguf-q4_k_m", model_id="m-after"))
+    assert isinstance(await outcome(nats_server.url, prefix, "m-after", 60), DeploymentFailed)
+    # (still the corrupted artifact: the point is that the service answered)
