@@ -73,11 +73,26 @@ def json_schema(
     return ScoreResult(score=points / total, passed=not problems, detail=detail[:500])
 
 
-def _schema_errors(obj: Any, schema: dict[str, Any]) -> str:
+# Validators by schema identity: benchmark specs are frozen and live as long as the benchmark.
+_VALIDATORS: dict[int, tuple[dict[str, Any], Any]] = {}
+
+
+def _validator(schema: dict[str, Any]) -> Any:
+    cached = _VALIDATORS.get(id(schema))
+    if cached is not None and cached[0] is schema:
+        return cached[1]
     from jsonschema import Draft202012Validator
 
+    validator = Draft202012Validator(schema)
+    if len(_VALIDATORS) > 1000:
+        _VALIDATORS.clear()
+    _VALIDATORS[id(schema)] = (schema, validator)
+    return validator
+
+
+def _schema_errors(obj: Any, schema: dict[str, Any]) -> str:
     try:
-        error = next(iter(Draft202012Validator(schema).iter_errors(obj)), None)
+        error = next(iter(_validator(schema).iter_errors(obj)), None)
     except RecursionError:
         return "too deeply nested"
     return "" if error is None else error.message[:200]

@@ -10,7 +10,7 @@ import contextlib
 import json
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,3 +185,90 @@ def evaluator(
             await runtime.stop()
 
     return run
+
+
+# ---------------------------------------------------------------- the real engine
+
+ROOT = Path(__file__).resolve().parents[3]
+VLLM_PYTHON = ROOT / ".venvs" / "vllm" / "bin" / "python"
+
+
+@dataclass
+class Engine:
+    url: str
+    model: str
+    log: Path
+
+
+def _vllm_ready(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/v1/models", timeout=2) as resp:  # noqa: S310
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def vllm_tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    """One real vLLM (CPU) serving the tiny test model for the whole session."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    if not VLLM_PYTHON.exists():
+        pytest.skip("no .venvs/vllm (scripts/setup.sh --vllm creates it)")
+    probe = subprocess.run(
+        [str(VLLM_PYTHON), "-c", "import vllm.entrypoints.openai.api_server"],
+        capture_output=True,
+        timeout=120,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f".venvs/vllm cannot import vllm: {probe.stderr[-300:]!r}")
+    from shared.testmodels import build_tiny_model
+
+    root = tmp_path_factory.mktemp("vllm")
+    model_dir = build_tiny_model(root / "tiny")
+    port = free_port()
+    log = root / "vllm.log"
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    argv = [
+        str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_dir), "--served-model-name", "tuneloop",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--enforce-eager", "--dtype", "float32", "--max-model-len", "512",
+        "--uvicorn-log-level", "warning",
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 420
+        while not _vllm_ready(url):
+            if proc.poll() is not None:
+                tail = log.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"vLLM exited with {proc.returncode}:\n{tail}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("vLLM did not become ready in 420 s")
+            time.sleep(1)
+        yield Engine(url=url, model="tuneloop", log=log)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
