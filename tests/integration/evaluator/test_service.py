@@ -15,6 +15,8 @@ from shared.events import (
     RolloutChanged,
     new_run_id,
 )
+from tests.integration.evaluator.conftest import EXPECTED
+from tests.integration.streams import eventually, read_stream
 
 pytestmark = pytest.mark.integration
 
@@ -110,3 +112,78 @@ async def test_unreachable_vanishing_and_hostile_deployments(db, evaluator, upst
         assert any("SCORE: 10" in o for o in outputs)  # recorded as data, scored as nothing
         # nothing was redelivered or dead-lettered: hostile output is a result, not an error
         assert len(await ev.events(EvaluationFailed)) == 2
+
+
+class FakeEmbedder:
+    """Stands in for MiniLM here (the real model is tested in test_similarity.py)."""
+
+    async def similarity(self, a: str, b: str) -> float:
+        return 1.0 if b in a else 0.0
+
+
+async def test_validation_split_is_the_benchmark_when_configured(db, evaluator, upstream):
+    async with evaluator(use_validation_split=True) as ev:
+        ev.ports.scoring.embedder = FakeEmbedder()
+        prompts = list(EXPECTED)[:6]
+        records = [
+            {"id": f"v{i}", "category": "val", "source": "upload", "messages": [
+                {"role": "user", "content": p},
+                {"role": "assistant", "content": json.dumps(EXPECTED[p])}]}
+            for i, p in enumerate(prompts)
+        ]  # fmt: skip
+        data = "".join(json.dumps(r) + "\n" for r in records).encode()
+        ref = await ev.store.put_bytes(data, kind="datasets", name="validation.jsonl")
+        event = deployed("cand-val", upstream.endpoint("good")).model_copy(
+            update={"validation": ref, "dataset_id": "ds-1"}
+        )
+        await ev.publish(event)
+        done = await ev.wait_for(EvaluationCompleted, lambda e: e.deployment_id == "cand-val")
+        assert done.benchmark.startswith("validation-ds-1@")
+        assert done.category_scores == {"val": 1.0} and done.passed, done.reasons
+        assert upstream.requests["good"] == 6
+
+
+async def test_the_service_process_evaluates_and_stops_on_sigterm(bus_settings, upstream, tmp_path):
+    import asyncio
+    import os
+    import signal
+    import sys
+
+    from shared.bus import EventBus
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "TUNELOOP_HOME": str(tmp_path),
+        "TUNELOOP_NATS_URL": bus_settings.nats_url,
+        "TUNELOOP_SUBJECT_PREFIX": bus_settings.prefix,
+        "EVALUATOR_HTTP_PORT": str(port),
+        "EVALUATOR_GATE_MIN_OVERALL": "0.6",
+        "EVALUATOR_GATE_MIN_CATEGORY": "0.6",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.evaluator.app", env=env, cwd=os.getcwd()
+    )
+    try:
+        async with EventBus(bus_settings, service="pipeline-test") as bus:
+            await bus.publish(deployed("proc-1", upstream.endpoint("good")))
+            msgs = await eventually(
+                lambda: read_stream(
+                    bus_settings.nats_url,
+                    bus.ns.stream,
+                    bus.ns.subject(EvaluationCompleted.subject),
+                ),
+                timeout_s=90,
+                what="EvaluationCompleted from the service process",
+            )
+        done = EvaluationCompleted.model_validate_json(msgs[0].data)
+        assert done.deployment_id == "proc-1" and done.passed, done.reasons
+
+        import httpx
+
+        async with httpx.AsyncClient() as client:
+            health = await client.get(f"http://127.0.0.1:{port}/healthz")
+        assert health.json()["service"] == "evaluator"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
