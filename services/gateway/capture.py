@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -216,17 +215,13 @@ class CaptureSink:
             await self._write(batch)
 
     async def _run(self) -> None:
+        queue = self.queue
         while True:
-            batch = [await self.queue.get()]
-            deadline = time.monotonic() + self.flush_s
-            while len(batch) < self.batch_size:
-                timeout = deadline - time.monotonic()
-                if timeout <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), timeout))
-                except TimeoutError:
-                    break
+            batch = [await queue.get()]
+            if queue.qsize() < self.batch_size - 1:
+                await asyncio.sleep(self.flush_s)  # let a batch gather (the queue is bounded)
+            while len(batch) < self.batch_size and not queue.empty():
+                batch.append(queue.get_nowait())
             try:
                 await self._write(batch)
             except Exception:
@@ -254,7 +249,9 @@ class CaptureSink:
 
     async def _write(self, batch: list[CaptureRecord]) -> None:
         rows: list[dict[str, Any]] = []
-        for rec in batch:
+        for i, rec in enumerate(batch):
+            if i % 16 == 15:
+                await asyncio.sleep(0)  # parsing and scrubbing: let requests through between
             parsed = parse_response(rec.body, rec.stream)
             if self.charge_tokens is not None and rec.key_id:
                 used = (parsed.prompt_tokens or 0) + (parsed.completion_tokens or 0)

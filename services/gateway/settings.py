@@ -59,8 +59,8 @@ class GatewaySettings(BaseSettings):
         validation_alias=AliasChoices("GATEWAY_ENABLE_DATA_COLLECTION", "ENABLE_DATA_COLLECTION"),
     )
     capture_queue_size: int = Field(default=10_000, ge=1)
-    capture_batch_size: int = Field(default=200, ge=1)
-    capture_flush_s: float = Field(default=0.5, gt=0)
+    capture_batch_size: int = Field(default=100, ge=1)
+    capture_flush_s: float = Field(default=0.2, gt=0)
     capture_max_text_chars: int = Field(default=200_000, ge=1000)
 
     # ---- keys
