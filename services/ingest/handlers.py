@@ -450,15 +450,19 @@ def _eligible(row: Interaction, quality: float) -> bool:
     return good_score or (row.feedback_rating or 0) > 0
 
 
-async def _cursor(session: AsyncSession, name: str) -> HarvestCursor:
-    cursor = await session.get(HarvestCursor, name)
-    if cursor is None:
-        cursor = HarvestCursor(dataset_name=name, generation=0, updated_at=utcnow())
-        session.add(cursor)
-        with contextlib.suppress(IntegrityError):
-            await session.flush()
-        cursor = await session.get(HarvestCursor, name) or cursor
-    return cursor
+async def _cursor(db: Database, name: str) -> HarvestCursor:
+    """The line's cursor, created on first use (a racing replica's insert is fine)."""
+    async with db.session() as session:
+        cursor = await session.get(HarvestCursor, name)
+    if cursor is not None:
+        return cursor
+    with contextlib.suppress(IntegrityError):
+        async with db.session() as session:
+            session.add(HarvestCursor(dataset_name=name, generation=0, updated_at=utcnow()))
+    async with db.session() as session:
+        created = await session.get(HarvestCursor, name)
+    assert created is not None
+    return created
 
 
 async def _scan(
@@ -499,8 +503,7 @@ async def harvest(
     in the transaction that records the version (the loser's transaction rolls back)."""
     name = settings.harvest_dataset_name
     until = (now or datetime.now(UTC)) - timedelta(seconds=settings.harvest_settle_s)
-    async with ports.db.session() as session:
-        cursor = await _cursor(session, name)
+    cursor = await _cursor(ports.db, name)
     scanned = eligible = 0
     last: tuple[datetime, str] | None = None
     with tempfile.TemporaryDirectory(
@@ -524,7 +527,7 @@ async def harvest(
         last_at, last_id = last
 
         async def advance(session: AsyncSession) -> None:
-            result = await session.execute(
+            result = await session.exec(
                 update(HarvestCursor)
                 .where(
                     col(HarvestCursor.dataset_name) == name,
@@ -537,7 +540,7 @@ async def harvest(
                     updated_at=utcnow(),
                 )
             )
-            if result.rowcount != 1:  # type: ignore[attr-defined]
+            if result.rowcount != 1:
                 raise _CursorMoved()
 
         request = IngestRequest(

@@ -39,7 +39,7 @@ _PHONE = re.compile(
     r")(?![\w])"
 )
 _DIGIT = re.compile(r"\d")
-_DIGITS = re.compile(r"\d+")
+_CARD_GROUP = re.compile(r"(?<!\d)\d{4,19}(?!\d)")
 # Candidates, in one RE2 pass: email | IBAN | IPv6-looking | digit run with separators.
 _CANDIDATE = re2.compile(
     r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}"
@@ -119,9 +119,10 @@ class PiiScrubber:
         return "".join(pieces)
 
     def _cards(self, span: str) -> str:
-        """Card numbers inside a digit run: consecutive digit groups joined by one space or
-        dash, 13-19 digits, Luhn-valid; the longest such window from each start wins."""
-        groups = [(m.start(), m.end()) for m in _DIGITS.finditer(span)]
+        """Card numbers inside a digit run: consecutive groups joined by one space or dash,
+        13-19 digits in all, Luhn-valid; the longest such window from each start wins."""
+        # Card numbers are printed in groups of 4 to 6 digits (or as one run of 13 to 19).
+        groups = [(m.start(), m.end()) for m in _CARD_GROUP.finditer(span)]
         if sum(e - s for s, e in groups) < 13:
             return span
         out: list[str] = []
