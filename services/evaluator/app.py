@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+
+from prometheus_client import Counter, Histogram
 
 from services.evaluator.benchmark import Benchmark, load_benchmark
 from services.evaluator.client import ChatClient, OpenAIChatClient
@@ -23,11 +26,37 @@ from services.evaluator.scoring.judge import ChatJudge
 from services.evaluator.scoring.similarity import MiniLMEmbedder
 from services.evaluator.settings import EvaluatorSettings
 from shared.bus import Delivery, PermanentError
-from shared.events import ModelDeployed, RolloutChanged
+from shared.events import (
+    EvaluationCompleted,
+    EvaluationFailed,
+    Event,
+    ModelDeployed,
+    RolloutChanged,
+)
 from shared.service import ServiceRuntime, run_service
+from shared.telemetry import tracer
 
 log = logging.getLogger(__name__)
 SERVICE = "evaluator"
+
+EVALUATIONS = Counter(
+    "tuneloop_evaluator_evaluations_total",
+    "ModelDeployed events handled, by outcome",
+    ["outcome"],
+)
+EVALUATION_SECONDS = Histogram(
+    "tuneloop_evaluator_evaluation_seconds",
+    "Wall time of one candidate evaluation (its run and, if not cached, the baseline's)",
+    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800),
+)
+
+
+def _outcome(result: Event | None, event: ModelDeployed) -> str:
+    if isinstance(result, EvaluationCompleted):
+        return "passed" if result.passed else "failed_gate"
+    if isinstance(result, EvaluationFailed):
+        return "unreachable"
+    return "baseline" if event.role == "baseline" else "duplicate"
 
 
 def client_factory(settings: EvaluatorSettings, *, api_key: str | None = None) -> ClientFactory:
@@ -86,10 +115,21 @@ def wire(runtime: ServiceRuntime, settings: EvaluatorSettings) -> EvaluatorPorts
     )
 
     async def deployed(event: ModelDeployed, delivery: Delivery) -> None:
-        try:
-            await on_model_deployed(event, ports=ports)
-        except (ValueError, TypeError) as exc:  # bad input: retrying cannot help
-            raise PermanentError(f"cannot evaluate {event.deployment_id}: {exc}") from exc
+        started = time.perf_counter()
+        with tracer("tuneloop.evaluator").start_as_current_span(
+            "evaluate deployment",
+            attributes={"tuneloop.deployment_id": event.deployment_id, "tuneloop.role": event.role},
+        ) as span:
+            try:
+                result = await on_model_deployed(event, ports=ports)
+            except (ValueError, TypeError) as exc:  # bad input: retrying cannot help
+                EVALUATIONS.labels("error").inc()
+                raise PermanentError(f"cannot evaluate {event.deployment_id}: {exc}") from exc
+            outcome = _outcome(result, event)
+            span.set_attribute("tuneloop.outcome", outcome)
+        EVALUATIONS.labels(outcome).inc()
+        if outcome in ("passed", "failed_gate", "unreachable"):
+            EVALUATION_SECONDS.observe(time.perf_counter() - started)
 
     async def rollout(event: RolloutChanged, delivery: Delivery) -> None:
         await on_rollout_changed(event, transaction=runtime.transaction)

@@ -28,7 +28,7 @@ from services.evaluator.benchmark import Benchmark, BenchmarkError, from_validat
 from services.evaluator.client import ChatClient
 from services.evaluator.gate import Verdict, decide
 from services.evaluator.models import EvaluatorDeployment, EvaluatorRun, EvaluatorStable
-from services.evaluator.runner import RunResult, RunSummary, run_benchmark
+from services.evaluator.runner import ItemResult, RunResult, RunSummary, run_benchmark
 from services.evaluator.scoring import Scoring
 from services.evaluator.settings import EvaluatorSettings
 from shared.db import utcnow
@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 PRODUCER = "evaluator"
 REPORT_NAME = "benchmark_results.json"
+# Outputs are kept whole for scoring (up to max_output_chars) but cut in the report.
+REPORT_OUTPUT_CHARS = 4000
 
 Transaction = Callable[[], AbstractAsyncContextManager[AsyncSession]]
 Emit = Callable[[AsyncSession, Event], None]
@@ -392,8 +394,16 @@ def build_report(
             else None
         ),
         "failure": failure,
-        "results": [it.to_dict() for it in result.items],
+        "results": [_report_item(it) for it in result.items],
     }
+
+
+def _report_item(item: ItemResult) -> dict[str, Any]:
+    data = item.to_dict()
+    if len(item.output) > REPORT_OUTPUT_CHARS:
+        data["output"] = item.output[:REPORT_OUTPUT_CHARS]
+        data["output_truncated"] = True
+    return data
 
 
 async def _upload_report(store: ArtifactStore, report: dict[str, Any]) -> ArtifactRef:
