@@ -54,7 +54,8 @@ def up(
     store and every service, supervised. Ctrl-C (or [bold]tuneloop down[/bold]) stops it."""
     from shared.supervisor import available_services
 
-    chosen = services.split(",") if services else available_services()
+    # --services "" starts only the infrastructure.
+    chosen = available_services() if services is None else [s for s in services.split(",") if s]
     unknown = [s for s in chosen if s not in SERVICES]
     if unknown:
         raise typer.BadParameter(f"unknown service(s) {unknown}; choose from {list(SERVICES)}")
