@@ -213,6 +213,92 @@ def dead_letters(
     asyncio.run(go())
 
 
+@app.command()
+def status(
+    nats_url: Annotated[str, typer.Option(envvar="TUNELOOP_NATS_URL")] = "nats://127.0.0.1:4222",
+    prefix: Annotated[str, typer.Option(envvar="TUNELOOP_SUBJECT_PREFIX")] = "tuneloop",
+    limit: Annotated[int, typer.Option(help="Show the newest N runs.")] = 10,
+) -> None:
+    """Each run (dataset version) and the stage every service reached, with timings and
+    failures, reconstructed from the event stream."""
+    from shared.runs import format_status, parse_stream_message, summarise_runs
+
+    messages = asyncio.run(_read_pipeline(nats_url, prefix))
+    events = [e for e in (parse_stream_message(s, d, prefix) for s, d in messages) if e]
+    runs = summarise_runs(events)[:limit]
+    if not runs:
+        console.print("no runs yet: publish a dataset (tuneloop ingest PATH) to start one.")
+        return
+    for line in format_status(runs):
+        typer.echo(line)
+
+
+async def _read_pipeline(nats_url: str, prefix: str) -> list[tuple[str, bytes]]:
+    import nats
+    from nats.js.api import ConsumerConfig, DeliverPolicy
+
+    from shared.subjects import Namespace
+
+    ns = Namespace(prefix)
+    try:
+        nc = await nats.connect(nats_url, connect_timeout=3, max_reconnect_attempts=1)
+    except Exception as exc:
+        console.print(
+            f"[red]cannot reach NATS at {nats_url}[/red] ({exc}); is `tuneloop up` running?"
+        )
+        raise typer.Exit(1) from exc
+    out: list[tuple[str, bytes]] = []
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(ns.stream)
+        if info.state.messages == 0:
+            return out
+        sub = await js.pull_subscribe(
+            ns.all_subjects,
+            stream=ns.stream,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=30),
+        )
+        while len(out) < info.state.messages:
+            try:
+                batch = await sub.fetch(256, timeout=2)
+            except nats.errors.TimeoutError:
+                break
+            for msg in batch:
+                out.append((msg.subject, msg.data))
+                await msg.ack()
+        await sub.unsubscribe()
+    finally:
+        await nc.close()
+    return out
+
+
+@app.command()
+def trace(
+    run_id: Annotated[str, typer.Argument(help="The run to show (see tuneloop status).")],
+    span_file: Annotated[
+        Path | None, typer.Option(envvar="TUNELOOP_SPAN_FILE", help="Default: HOME/spans.jsonl")
+    ] = None,
+    home: HomeOption = Path(".tuneloop"),
+) -> None:
+    """Render a run's spans, across every service, as a tree with durations."""
+    import os
+
+    from shared.runs import load_spans, trace_tree
+
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        console.print(
+            "spans go to the OTLP collector at $OTEL_EXPORTER_OTLP_ENDPOINT: search Jaeger for "
+            f"tag tuneloop.run_id={run_id}"
+        )
+    path = span_file or home / "spans.jsonl"
+    lines = trace_tree(load_spans(path), run_id)
+    if not lines:
+        console.print(f"no spans for run {run_id} in {path}")
+        raise typer.Exit(1)
+    for line in lines:
+        typer.echo(line)
+
+
 def _register_service_commands() -> None:
     for name in SERVICES:
         try:
