@@ -5,6 +5,7 @@ environment variables the code base reads. Everything offline: kustomize runs as
 from __future__ import annotations
 
 import ast
+import copy
 import functools
 import importlib
 import re
@@ -70,8 +71,7 @@ def _rendered(overlay: str) -> tuple[dict[str, Any], ...]:
 
 def rendered(overlay: str) -> list[dict[str, Any]]:
     """The overlay as ``kubectl kustomize`` renders it (a fresh copy each call)."""
-    copy: list[dict[str, Any]] = yaml.safe_load(yaml.safe_dump(list(_rendered(overlay))))
-    return copy
+    return copy.deepcopy(list(_rendered(overlay)))
 
 
 def by_kind(objs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
@@ -133,8 +133,7 @@ def _compose() -> dict[str, Any]:
 
 
 def compose() -> dict[str, Any]:
-    copy: dict[str, Any] = yaml.safe_load(yaml.safe_dump(_compose()))
-    return copy
+    return copy.deepcopy(_compose())
 
 
 _INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)([^}]*))?\}")
@@ -220,13 +219,14 @@ _ENV_READ = re.compile(
 )
 
 
-def env_read_in_code() -> set[str]:
+@functools.cache
+def env_read_in_code() -> frozenset[str]:
     """Variable names read directly (``os.environ``/``getenv``/typer ``envvar=``) in shared/
     and services/."""
     names: set[str] = set()
     for path in [*ROOT.glob("shared/**/*.py"), *ROOT.glob("services/**/*.py")]:
         names.update(_ENV_READ.findall(path.read_text(errors="replace")))
-    return names
+    return frozenset(names)
 
 
 def settings_classes(module_name: str) -> list[type[Any]]:

@@ -157,3 +157,10 @@ def test_artifacts_go_to_the_emulator_unless_told_otherwise() -> None:
     # STORAGE_EMULATOR_HOST= (set but empty) switches to real GCS: "-" not ":-".
     raw = _env_of(compose()["services"]["trainer"])["STORAGE_EMULATOR_HOST"]
     assert raw == "${STORAGE_EMULATOR_HOST-http://gcs:9023}"
+
+
+def test_engines_are_announced_at_an_address_peers_reach() -> None:
+    # Local engines bind and announce http://<INFERENCE_HOST>:<port>/v1
+    # (services/inference/engines/local.py): the container's own name on the compose network.
+    assert compose_env("inference")["INFERENCE_HOST"] == "inference"
+    assert "inference" in compose()["services"]

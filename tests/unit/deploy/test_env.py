@@ -5,6 +5,8 @@ os.environ reads in shared/ and services/."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from tests.unit.deploy.manifests import (
@@ -37,18 +39,24 @@ def required_env(service: str) -> set[str]:
     return required
 
 
-def known_env() -> set[str]:
+@functools.cache
+def known_env() -> frozenset[str]:
     known = common_settings_env() | env_read_in_code() | BIND_ADDRESS
     for service in SERVICES:
         for cls in service_settings(service):
             for names, _ in settings_fields(cls).values():
                 known |= names
-    return known
+    return frozenset(known)
+
+
+@functools.cache
+def _k8s_env(overlay: str, service: str) -> dict[str, str | None]:
+    objs = rendered(overlay)
+    return container_env(objs, service_container(objs, service))
 
 
 def k8s_env(overlay: str, service: str) -> dict[str, str | None]:
-    objs = rendered(overlay)
-    return container_env(objs, service_container(objs, service))
+    return dict(_k8s_env(overlay, service))
 
 
 @pytest.mark.parametrize("service", SERVICES)

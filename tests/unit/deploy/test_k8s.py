@@ -236,8 +236,12 @@ def test_every_container_has_requests_and_a_memory_limit(overlay: str) -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_pods_meet_the_restricted_pod_security_profile(overlay: str) -> None:
     objs = rendered(overlay)
-    namespace = by_kind(objs, "Namespace")["tuneloop"]
-    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    labels = by_kind(objs, "Namespace")["tuneloop"]["metadata"]["labels"]
+    # Enforced: baseline (the vLLM engine pods run the official image as root); audited and
+    # warned: restricted, which every pod of ours meets.
+    assert labels["pod-security.kubernetes.io/enforce"] == "baseline"
+    assert labels["pod-security.kubernetes.io/audit"] == "restricted"
+    assert labels["pod-security.kubernetes.io/warn"] == "restricted"
     for workload in workloads(objs):
         spec = pod_spec(workload)
         assert spec["securityContext"]["runAsNonRoot"] is True
@@ -437,3 +441,97 @@ def test_gateway_hpa_and_disruption_budgets_target_real_workloads(overlay: str) 
         selector = pdb["spec"]["selector"]["matchLabels"]
         pods = [w["spec"]["template"]["metadata"]["labels"] for w in workloads(objs)]
         assert any(labels_match(selector, labels) for labels in pods), pdb["metadata"]["name"]
+
+
+# ------------------------------------------------------------------------------ vLLM engines
+
+
+def engine_objects(namespace: str, image: str, pvc: str, mount: str) -> list[dict[str, Any]]:
+    """An engine Deployment + Service exactly as the inference service renders them."""
+    engines = pytest.importorskip("services.inference.engines.k8s")
+    from services.inference.engines.base import EngineSpec
+    from services.inference.engines.profiles import get_profile
+
+    spec = EngineSpec(
+        deployment_id="dep-01",
+        kind="vllm",
+        model_path="/var/lib/tuneloop/cache/inference/model",
+        served_names=("tuneloop", "dep-01"),
+        profile=get_profile("l4"),
+    )
+    deployment = engines.render_deployment(
+        spec, namespace=namespace, image=image, models_pvc=pvc, models_mount=mount
+    )
+    service = engines.render_service(spec, namespace=namespace)
+    return [engines.to_manifest(deployment), engines.to_manifest(service)]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_engines_the_inference_service_creates_fit_the_cluster(overlay: str) -> None:
+    objs = rendered(overlay)
+    inference = by_kind(objs, "Deployment")["inference"]
+    (app,) = pod_spec(inference)["containers"]
+    env = {e["name"]: e for e in app["env"]}
+    assert env["INFERENCE_MODE"]["value"] == "k8s"
+    assert env["INFERENCE_K8S_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.namespace"
+    )
+    image, pvc = env["INFERENCE_K8S_IMAGE"]["value"], env["INFERENCE_K8S_MODELS_PVC"]["value"]
+    assert re.fullmatch(r"vllm/vllm-openai:v\d+\.\d+\.\d+", image)
+    # The compose engine image is built from the same vLLM release.
+    from tests.unit.deploy.manifests import dockerfile, dockerfile_stages
+
+    engine_stage = dockerfile_stages(dockerfile("inference"))["engine"]
+    assert engine_stage[0].value[0] == image
+    # The service's home is the shared models claim, mounted where engines mount it.
+    claims = by_kind(objs, "PersistentVolumeClaim")
+    assert pvc in claims
+    (home,) = [v for v in pod_spec(inference)["volumes"] if v["name"] == "home"]
+    assert home == {"name": "home", "persistentVolumeClaim": {"claimName": pvc}}
+    # services/inference/app.py hands the engines TUNELOOP_HOME as the models mount.
+    config_maps = by_kind(objs, "ConfigMap")
+    config = next(c for n, c in config_maps.items() if n.startswith("tuneloop-config"))
+    home_path = config["data"]["TUNELOOP_HOME"]
+    (mount,) = [m for m in app["volumeMounts"] if m["name"] == "home"]
+    assert mount["mountPath"] == home_path
+    engine_deployment, engine_service = engine_objects("tuneloop", image, pvc, home_path)
+    engine_mounts = engine_deployment["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    assert {"mountPath": home_path, "name": "models", "readOnly": True} in engine_mounts
+    for obj in (engine_deployment, engine_service):
+        for version in KUBERNETES_VERSIONS:
+            kubernetes_validate.validate(obj, version, strict=True)
+    engine_pod = engine_deployment["spec"]["template"]
+    (volume,) = [v for v in engine_pod["spec"]["volumes"] if "persistentVolumeClaim" in v]
+    assert volume["persistentVolumeClaim"] == {"claimName": pvc, "readOnly": True}
+    # The engines' NetworkPolicy selects them and lets the gateway, evaluator and inference in.
+    policy = by_kind(objs, "NetworkPolicy")["engines"]["spec"]
+    assert labels_match(policy["podSelector"]["matchLabels"], engine_pod["metadata"]["labels"])
+    peers = [p["podSelector"]["matchLabels"] for r in policy["ingress"] for p in r["from"]]
+    for name in ("gateway", "evaluator", "inference"):
+        assert {"app.kubernetes.io/name": name} in peers
+    # Baseline pod security (enforced) admits them: no privilege, no host namespaces or paths.
+    spec = engine_pod["spec"]
+    assert not any(spec.get(k) for k in ("hostNetwork", "hostPID", "hostIPC"))
+    assert not any("hostPath" in v for v in spec["volumes"])
+    for c in spec["containers"]:
+        assert not c.get("securityContext", {}).get("privileged")
+    # The Role grants what the code calls (create/replace/read/delete; pod list and logs).
+    role = by_kind(objs, "Role")["tuneloop-inference"]["rules"]
+    granted = {
+        (g, r, v)
+        for rule in role
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+        for v in rule["verbs"]
+    }
+    for need in [
+        ("apps", "deployments", "create"),
+        ("apps", "deployments", "update"),
+        ("apps", "deployments", "get"),
+        ("apps", "deployments", "delete"),
+        ("", "services", "create"),
+        ("", "services", "delete"),
+        ("", "pods", "list"),
+        ("", "pods/log", "get"),
+    ]:
+        assert need in granted, need
