@@ -22,7 +22,7 @@ import orjson
 from services.ingest.pipeline import chunks, dedupe, formats
 from services.ingest.pipeline.formats import SourceFile
 from services.ingest.pipeline.pii import PiiScrubber
-from services.ingest.pipeline.run import Pipeline, rules_for
+from services.ingest.pipeline.run import CHUNK_RECORDS, Pipeline, rules_for
 from services.ingest.settings import ProcessingConfig
 
 SEED_FILES = (
@@ -201,57 +201,82 @@ def run_once(sources: list[SourceFile], config: ProcessingConfig, executor, work
 
 
 def stage_costs(sources: list[SourceFile], config: ProcessingConfig) -> list[tuple[str, float]]:
-    """Single-core cost of each stage over the same records, in records/s."""
+    """Single-core cost of each stage over the same records, chunk by chunk as the
+    pipeline's workers do it, in records/s."""
     items = []
     for src in sources:
         items += [raw for _, raw in formats.iter_items(src.path)]
     n = len(items)
-    rows = []
-    t = time.perf_counter()
-    parsed = []
-    for raw in items:
-        with contextlib.suppress(formats.RecordError):
-            parsed.append(formats.parse_line(raw))
-    rows.append(("parse (orjson/ijson)", time.perf_counter() - t))
-    t = time.perf_counter()
-    convs = []
-    for rec in parsed:
-        fmt = formats.detect_format(rec)
-        if fmt:
-            convs.append(formats.normalise(rec, fmt))
-    rows.append(("normalise", time.perf_counter() - t))
+    cost: dict[str, float] = {}
+
+    def timed(name: str, fn):
+        t = time.perf_counter()
+        out = fn()
+        cost[name] = cost.get(name, 0.0) + time.perf_counter() - t
+        return out
+
     rules = rules_for(config)
-    t = time.perf_counter()
-    for m in convs:
-        with contextlib.suppress(chunks.Rejected):
-            chunks._check(m, rules)
-    rows.append(("validate", time.perf_counter() - t))
-    scrub = PiiScrubber()
-    t = time.perf_counter()
-    for m in convs:
-        for turn in m:
-            turn["content"] = scrub.scrub(turn["content"])
-    rows.append(("PII scrub", time.perf_counter() - t))
-    t = time.perf_counter()
-    norms = [dedupe.normalised_text(m).encode() for m in convs]
-    keys = [dedupe.exact_key(x) for x in norms]
-    rows.append(("normalise text + exact hash", time.perf_counter() - t))
-    t = time.perf_counter()
-    sigs = dedupe.signatures(norms, num_perm=config.num_perm)
-    rows.append(("MinHash (rensa, 128 perm)", time.perf_counter() - t))
-    t = time.perf_counter()
     index = dedupe.NearDuplicateIndex(threshold=config.near_threshold, num_perm=config.num_perm)
-    bkeys = index.keys(sigs).tolist()
-    small = sigs.astype("uint16")
-    for i in range(len(norms)):
-        if index.find(bkeys[i], small[i]) is None:
-            index.add(bkeys[i], small[i], str(i))
-    rows.append(("LSH bands + lookups", time.perf_counter() - t))
-    t = time.perf_counter()
-    for m, k in zip(convs, keys, strict=True):
-        orjson.dumps({"id": k.hex()[:24], "messages": m, "category": "x", "source": "y"})
-    rows.append(("serialise", time.perf_counter() - t))
-    return [(name, n / secs if secs else float("inf")) for name, secs in rows]
+    for lo in range(0, n, CHUNK_RECORDS):
+        chunk = items[lo : lo + CHUNK_RECORDS]
+
+        def parse(chunk=chunk):
+            out = []
+            for raw in chunk:
+                with contextlib.suppress(formats.RecordError):
+                    out.append(formats.parse_line(raw))
+            return out
+
+        parsed = timed("parse (orjson, ijson for arrays)", parse)
+        convs = timed(
+            "normalise to chat form",
+            lambda parsed=parsed: [
+                formats.normalise(r, f) for r in parsed if (f := formats.detect_format(r))
+            ],
+        )
+
+        def check(convs=convs):
+            for m in convs:
+                with contextlib.suppress(chunks.Rejected):
+                    chunks._check(m, rules)
+
+        timed("validate (RE2 error text)", check)
+
+        def scrub(convs=convs):
+            flat = PiiScrubber().scrub_many([t["content"] for m in convs for t in m])
+            it = iter(flat)
+            for m in convs:
+                for t in m:
+                    t["content"] = next(it)
+
+        timed("PII scrub (RE2 over the chunk)", scrub)
+        texts = timed(
+            "lowercase + exact key (xxh3)",
+            lambda convs=convs: [
+                (x := dedupe.conversation_text(m), dedupe.exact_key(x))[0] for m in convs
+            ],
+        )
+        timed(
+            "serialise (orjson)",
+            lambda convs=convs: [
+                orjson.dumps({"id": "r", "messages": m, "category": "x", "source": "y"})
+                for m in convs
+            ],
+        )
+        sigs = timed(
+            "MinHash (numpy shingles + rensa)",
+            lambda texts=texts: dedupe.signatures(texts, num_perm=config.num_perm),
+        )
+
+        def lsh(sigs=sigs):
+            keys = index.keys(sigs).tolist()
+            small = sigs.astype("uint16")
+            for i in range(len(keys)):
+                if index.find(keys[i], small[i]) is None:
+                    index.add(keys[i], small[i], str(i))
+
+        timed("LSH bands + lookups", lsh)
+    return [(name, n / secs if secs else float("inf")) for name, secs in cost.items()]
 
 
 def main() -> None:

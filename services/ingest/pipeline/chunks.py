@@ -119,8 +119,7 @@ def _check(messages: list[dict[str, str]], rules: Rules) -> tuple[int, int]:
 def process_chunk(job: ChunkJob) -> ChunkResult:
     rules = job.rules
     result = ChunkResult()
-    scrubber = PiiScrubber()
-    texts: list[bytes] = []
+    valid: list[tuple[int, Any, list[dict[str, str]], int, int]] = []
     for position, raw in job.items:
         try:
             if isinstance(raw, bytes | bytearray) and not raw.strip():
@@ -129,9 +128,7 @@ def process_chunk(job: ChunkJob) -> ChunkResult:
                 record = parse_line(raw)
             except RecordError as exc:
                 raise Rejected("parse", str(exc)) from exc
-            fmt = job.format or detect_format(record)
-            if job.trusted:
-                fmt = "openai"
+            fmt = "openai" if job.trusted else (job.format or detect_format(record))
             if fmt is None:
                 raise Rejected("format", "not an Alpaca, OpenAI chat or ShareGPT record")
             try:
@@ -143,30 +140,35 @@ def process_chunk(job: ChunkJob) -> ChunkResult:
                 output_chars = sum(len(m["content"]) for m in messages if m["role"] == "assistant")
             else:
                 input_chars, output_chars = _check(messages, rules)
-                if rules.scrub_pii:
-                    for m in messages:
-                        m["content"] = scrubber.scrub(m["content"])
         except Rejected as rej:
             result.rejected.append((position, rej.code, rej.reason))
             continue
+        valid.append((position, record, messages, input_chars, output_chars))
+
+    if rules.scrub_pii and not job.trusted:
+        # One scan over every message of the chunk (see PiiScrubber.scrub_many).
+        scrubber = PiiScrubber()
+        contents = [m["content"] for v in valid for m in v[2]]
+        scrubbed = iter(scrubber.scrub_many(contents))
+        for v in valid:
+            for m in v[2]:
+                m["content"] = next(scrubbed)
+        result.pii = scrubber.counts
+
+    texts: list[bytes] = []
+    for position, record, messages, input_chars, output_chars in valid:
         category = label(record, "category", "domain") or job.domain or "general"
         source = label(record, "source") or job.source
-        norm = dedupe.normalised_text(messages).encode()
-        key = dedupe.exact_key(norm)
+        lowered = dedupe.conversation_text(messages)
+        key = dedupe.exact_key(lowered)
         record_id = (label(record, "id") if job.trusted else None) or f"r{key.hex()[:24]}"
         line = orjson.dumps(
-            {
-                "id": record_id,
-                "messages": messages,
-                "category": category,
-                "source": source,
-            }
+            {"id": record_id, "messages": messages, "category": category, "source": source}
         )
         result.kept.append(
             Kept(position, record_id, line, key, category, source, input_chars, output_chars)
         )
-        texts.append(norm)
-    result.pii = scrubber.counts
+        texts.append(lowered)
     if rules.near_dedupe and texts:
         sigs = dedupe.signatures(texts, num_perm=rules.num_perm)
         result.band_keys = dedupe.band_keys(sigs, rules.bands, rules.rows)

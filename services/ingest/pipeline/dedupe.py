@@ -1,6 +1,6 @@
 """Exact and near-duplicate detection.
 
-Exact: a 128-bit xxh3 of the normalised conversation (lowercased, whitespace collapsed).
+Exact: a 128-bit xxh3 of the conversation lowercased, whitespace removed.
 
 Near: MinHash signatures computed in bulk by rensa (Rust) over word 3-shingles whose hashes
 numpy computes for a whole chunk at once, so no Python code runs per token. Signatures are
@@ -11,6 +11,7 @@ positions. The first record of a cluster is kept.
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import numpy as np
@@ -48,12 +49,17 @@ class _Powers:
 _POWERS = _Powers()
 
 
-def normalised_text(messages: list[dict[str, str]]) -> str:
-    return "\n".join(f"{m['role']}: {' '.join(m['content'].lower().split())}" for m in messages)
+_WHITESPACE = b" \t\n\r\x0b\x0c"
 
 
-def exact_key(normalised: bytes) -> bytes:
-    return xxhash.xxh3_128_digest(normalised)
+def conversation_text(messages: list[dict[str, str]]) -> bytes:
+    """The conversation, lowercased, as UTF-8: what both keys are computed from."""
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages).lower().encode()
+
+
+def exact_key(text: bytes) -> bytes:
+    """128-bit key of the text with all whitespace removed (so spacing never matters)."""
+    return xxhash.xxh3_128_digest(text.translate(None, _WHITESPACE))
 
 
 def shingle_hashes(texts: list[bytes], words: int = SHINGLE_WORDS) -> tuple[np.ndarray, np.ndarray]:
@@ -71,7 +77,7 @@ def shingle_hashes(texts: list[bytes], words: int = SHINGLE_WORDS) -> tuple[np.n
     prefix = np.zeros(size + 1, dtype=np.uint64)
     with np.errstate(over="ignore"):
         np.cumsum(data * up, out=prefix[1:])
-    sep = data == _SPACE
+    sep = data <= _SPACE  # spaces, newlines, tabs and control bytes separate words
     before = np.ones(size, dtype=bool)
     before[1:] = sep[:-1]
     after = np.ones(size, dtype=bool)
@@ -100,13 +106,28 @@ def shingle_hashes(texts: list[bytes], words: int = SHINGLE_WORDS) -> tuple[np.n
     return h, offsets
 
 
+SIGNATURE_BATCH_BYTES = 8 * 1024 * 1024
+
+
 def signatures(texts: list[bytes], *, num_perm: int, seed: int = 1) -> np.ndarray:
-    """MinHash signatures, shape (len(texts), num_perm), uint32."""
-    if not texts:
-        return np.zeros((0, num_perm), dtype=np.uint32)
-    hashes, offsets = shingle_hashes(texts)
-    matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(hashes, offsets, num_perm, seed)
-    return np.asarray(matrix.to_rows(), dtype=np.uint32)
+    """MinHash signatures, shape (len(texts), num_perm), uint32. Texts are hashed in
+    batches of at most ~8 MB, so memory stays bounded whatever the chunk holds."""
+    out = np.zeros((len(texts), num_perm), dtype=np.uint32)
+    start = 0
+    while start < len(texts):
+        end, size = start, 0
+        while end < len(texts) and (
+            end == start or size + len(texts[end]) <= SIGNATURE_BATCH_BYTES
+        ):
+            size += len(texts[end])
+            end += 1
+        hashes, offsets = shingle_hashes(texts[start:end])
+        matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(
+            hashes, offsets, num_perm, seed
+        )
+        out[start:end] = np.asarray(matrix.to_rows(), dtype=np.uint32)
+        start = end
+    return out
 
 
 @lru_cache(maxsize=32)
@@ -139,12 +160,14 @@ def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
 
 
 class NearDuplicateIndex:
-    """The kept records' bands and signatures; ``find`` returns a kept near-duplicate."""
+    """The kept records' bands and signatures (uint16: the low bits are plenty to confirm a
+    candidate); ``find`` returns the label of a kept near-duplicate."""
 
     def __init__(self, *, threshold: float, num_perm: int) -> None:
         self.threshold = threshold
         self.num_perm = num_perm
         self.bands, self.rows = lsh_params(threshold, num_perm)
+        self._agree = math.ceil(threshold * num_perm - 1e-9)
         self._first: dict[int, int] = {}
         # Low 16 bits of each signature value are plenty to confirm a candidate.
         self._sigs = np.zeros((1024, num_perm), dtype=np.uint16)
@@ -157,13 +180,12 @@ class NearDuplicateIndex:
     def find(self, keys: list[int], sig: np.ndarray) -> str | None:
         """The label of a kept record this one nearly duplicates, or None."""
         seen: set[int] = set()
-        small = sig.astype(np.uint16)
         for key in keys:
             idx = self._first.get(key)
             if idx is None or idx in seen:
                 continue
             seen.add(idx)
-            if float(np.mean(self._sigs[idx] == small)) >= self.threshold:
+            if np.count_nonzero(self._sigs[idx] == sig) >= self._agree:
                 return self._labels[idx]
         return None
 
@@ -171,7 +193,7 @@ class NearDuplicateIndex:
         idx = self.size
         if idx == len(self._sigs):
             self._sigs = np.concatenate([self._sigs, np.zeros_like(self._sigs)])
-        self._sigs[idx] = sig.astype(np.uint16)
+        self._sigs[idx] = sig
         self._labels.append(label)
         self.size += 1
         for key in keys:

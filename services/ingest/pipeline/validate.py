@@ -3,11 +3,12 @@ answers. Each check returns the reason a record is rejected, or None."""
 
 from __future__ import annotations
 
-import re
+import re2
 
 # Text that means the "answer" is a failure, not an answer: tracebacks, refusals, API errors.
-ERROR_TEXT = re.compile(
-    r"Traceback \(most recent call last\)"
+# RE2: linear time whatever the input, and one pass for every alternative.
+ERROR_TEXT = re2.compile(
+    r"(?i)Traceback \(most recent call last\)"
     r"|I'?m sorry,? (?:but )?I (?:cannot|can'?t|am unable|'m unable)"
     r"|I apologi[sz]e,? but I (?:cannot|can'?t)"
     r"|As an AI language model"
@@ -16,22 +17,7 @@ ERROR_TEXT = re.compile(
     r"|insufficient_quota|context_length_exceeded|invalid_request_error"
     r"|Internal Server Error|Service Unavailable|Bad Gateway|Gateway Timeout"
     r"|Error code: [45]\d\d"
-    r'|"error":\s*\{',
-    re.IGNORECASE,
-)
-# Cheap prefilter: every pattern above contains one of these (lowercased) fragments.
-_ERROR_HINTS = (
-    "traceback",
-    "sorry",
-    "apologi",
-    "as an ai",
-    "openai",
-    "limit",
-    "_",
-    "error",
-    "server",
-    "unavailable",
-    "gateway",
+    r'|"error":\s*\{'
 )
 
 
@@ -61,8 +47,5 @@ def empty_turn_error(messages: list[dict[str, str]]) -> str | None:
 
 def error_text(answer: str) -> str | None:
     """The error-looking fragment of an answer, if there is one."""
-    lowered = answer.lower()
-    if not any(hint in lowered for hint in _ERROR_HINTS):
-        return None
     match = ERROR_TEXT.search(answer)
     return match.group(0)[:80] if match else None
