@@ -30,6 +30,7 @@ from services.ingest.handlers import (
     ingest_with_retry,
     on_dataset_submitted,
 )
+from services.ingest.pipeline.chunks import ChunkJob, Rules, process_chunk
 from services.ingest.pipeline.formats import FORMATS, SourceFile
 from services.ingest.settings import IngestSettings
 from shared.bus import Delivery
@@ -38,18 +39,25 @@ from shared.service import ServiceRuntime, run_service
 from shared.storage import LocalBackend
 
 log = logging.getLogger(__name__)
+# It logs every temporary file at INFO.
+logging.getLogger("python_multipart").setLevel(logging.WARNING)
 SERVICE = "ingest"
 MAX_FORM_FIELD_BYTES = 64 * 1024
 _NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:-")
 
 
 def make_executor(settings: IngestSettings) -> Executor | None:
-    """Worker processes for the per-record work; None = in-process (one CPU, or tests)."""
+    """Worker processes for the per-record work, started and warmed (imports done) now
+    rather than on the first upload; None = in-process (one CPU, or tests)."""
     workers = settings.workers or (os.cpu_count() or 1)
     if workers <= 1:
         return None
     # forkserver: never fork a process that has an event loop and broker threads.
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
+    warm = ChunkJob(items=[], format=None, domain=None, source="", trusted=False, rules=Rules())
+    for future in [pool.submit(process_chunk, warm) for _ in range(workers)]:
+        future.result()
+    return pool
 
 
 def valid_name(name: str) -> bool:
@@ -231,7 +239,7 @@ async def harvest_forever(
 async def serve() -> None:
     settings = IngestSettings()
     runtime = ServiceRuntime(SERVICE)
-    executor = make_executor(settings)
+    executor = await asyncio.to_thread(make_executor, settings)
     wire(runtime, settings, executor)
     task = (
         asyncio.create_task(harvest_forever(runtime, settings, executor))

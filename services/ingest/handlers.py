@@ -207,7 +207,7 @@ async def ingest(
             if outcome.dataset_id:
                 span.set_attribute("dataset.id", outcome.dataset_id)
             if outcome.run_id:
-                span.set_attribute("run_id", outcome.run_id)
+                span.set_attribute("tuneloop.run_id", outcome.run_id)
             return outcome
         finally:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -89,7 +89,8 @@ async def test_upload_makes_one_version_and_one_dataset_ready(ingest_service, sp
         ingest_spans = [
             s
             for s in spans
-            if s["name"] == "ingest.dataset" and s["attributes"].get("run_id") == msg.run_id
+            if s["name"] == "ingest.dataset"
+            and s["attributes"].get("tuneloop.run_id") == msg.run_id
         ]
         assert ingest_spans and ingest_spans[0]["trace_id"] in traceparent
 
