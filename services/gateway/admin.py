@@ -5,7 +5,6 @@ list and revoke API keys. Every route change goes through the DB with its ``Roll
 event, so other replicas and a restarted gateway see it.
 """
 
-
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request

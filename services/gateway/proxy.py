@@ -195,7 +195,43 @@ class ProxyApp:
                 if path == "/v1/models":
                     await self._models(scope, send)
                     return
-        await self.fallback(scope, receive, send)
+        await self._other(scope, receive, send)
+
+    async def _other(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Health, metrics, admin and feedback (FastAPI), with the same trace header and body
+        limit as the model API."""
+        if scope["type"] != "http":
+            await self.fallback(scope, receive, send)
+            return
+        trace = _trace_id(scope["headers"]).encode()
+        limit = self.settings.max_body_bytes
+        for name, value in scope["headers"]:
+            if name == b"content-length" and (not value.isdigit() or int(value) > limit):
+                status = 413 if value.isdigit() else 400
+                await self._send_error(
+                    send, RequestError(status, "invalid or oversized body"), trace
+                )
+                return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:  # a chunked body past the limit: treat as gone
+                return {"type": "http.disconnect"}
+            return message
+
+        async def traced_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (H_DEPLOYMENT, NO_DEPLOYMENT),
+                    (H_TRACE, trace),
+                ]
+            await send(message)
+
+        await self.fallback(scope, limited_receive, traced_send)
 
     # ------------------------------------------------------------------ helpers
 

@@ -12,7 +12,14 @@ import openai
 import pytest
 
 from services.gateway.app import GatewayService
-from tests.integration.gateway.conftest import ADMIN_KEY, MODEL, admin_post, base_url, new_key
+from tests.integration.gateway.conftest import (
+    ADMIN_KEY,
+    MODEL,
+    admin_get,
+    admin_post,
+    base_url,
+    new_key,
+)
 from tests.integration.streams import eventually
 
 pytestmark = pytest.mark.integration
@@ -164,3 +171,8 @@ async def test_openai_client_sync_stream_and_refusals(
         assert r.status_code == 404
         r = await admin_post(gw, "/admin/keys", {"scopes": ["root"]})
         assert r.status_code == 400
+        r = await admin_post(gw, "/admin/keys", {"name": "x" * 1_100_000})
+        assert r.status_code == 413
+        r = await admin_get(gw, "/admin/routes")
+        assert r.status_code == 200 and len(r.headers["x-tuneloop-trace-id"]) == 32
+        assert r.json()["models"][MODEL][0]["state"] == "stable"
