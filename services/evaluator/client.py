@@ -149,6 +149,8 @@ class OpenAIChatClient:
             raise EndpointError(
                 "oversized", f"response of {declared} bytes exceeds {self.max_response_bytes}"
             )
+        if declared is not None:
+            return await resp.read()  # bounded by the check above: one read, no copies
         chunks: list[bytes] = []
         size = 0
         async for chunk in resp.content.iter_chunked(64 * 1024):

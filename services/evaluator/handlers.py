@@ -74,8 +74,12 @@ class EvaluatorPorts:
 
 async def on_model_deployed(event: ModelDeployed, *, ports: EvaluatorPorts) -> Event | None:
     """Returns the event recorded (or None when there was nothing to do)."""
-    async with ports.transaction() as session:
-        await _remember_deployment(session, event)
+    try:
+        async with ports.transaction() as session:
+            await _remember_deployment(session, event)
+    except IntegrityError:  # a concurrent delivery inserted the same rows first: now update
+        async with ports.transaction() as session:
+            await _remember_deployment(session, event)
     bench = await _benchmark_for(event, ports)
     if event.role == "baseline":
         if ports.settings.warm_baseline:
@@ -166,6 +170,13 @@ async def on_rollout_changed(event: RolloutChanged, *, transaction: Transaction)
     An older promotion delivered late never overrides a newer one."""
     if event.action != "promoted":
         return False
+    try:
+        return await _promote(event, transaction)
+    except IntegrityError:  # a concurrent delivery inserted the row first: now update
+        return await _promote(event, transaction)
+
+
+async def _promote(event: RolloutChanged, transaction: Transaction) -> bool:
     async with transaction() as session:
         row = await session.get(EvaluatorStable, event.served_model_name)
         if row is not None and row.since > event.occurred_at:

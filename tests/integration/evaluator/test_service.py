@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from sqlmodel import select
 
 from shared.embedded import free_port
 from shared.events import (
@@ -189,3 +190,20 @@ async def test_the_service_process_evaluates_and_stops_on_sigterm(bus_settings, 
     finally:
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
+
+
+async def test_concurrent_deliveries_record_one_verdict(db, evaluator, upstream):
+    import asyncio
+
+    from services.evaluator.handlers import on_model_deployed
+    from shared.outbox import OutboxMessage
+
+    async with evaluator() as ev:
+        event = deployed("twice", upstream.endpoint("good"))
+        results = await asyncio.gather(
+            on_model_deployed(event, ports=ev.ports), on_model_deployed(event, ports=ev.ports)
+        )
+        assert sum(r is not None for r in results) == 1
+        async with ev.runtime.db.session() as session:
+            rows = (await session.exec(select(OutboxMessage))).all()
+        assert [r.event_type for r in rows if "twice" in r.payload] == ["EvaluationCompleted"]
