@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from typing import Any
 
 from fastapi import HTTPException
@@ -30,7 +29,11 @@ def make_backend(settings: InferenceSettings, runtime: ServiceRuntime) -> Engine
     if settings.mode == "k8s":
         from services.inference.engines.k8s import K8sEngines
 
-        backend: EngineBackend = K8sEngines(settings)
+        # The artifact cache (TUNELOOP_HOME) is the models PVC, mounted at the same path in
+        # the engine pods, so a fetched model's path means the same thing there.
+        backend: EngineBackend = K8sEngines(
+            settings, models_mount=str(runtime.common.home.resolve())
+        )
         return backend
     return LocalEngines(
         vllm_python=str(settings.vllm_python),
@@ -148,7 +151,7 @@ class InferenceRuntime(ServiceRuntime):
 
 async def serve() -> None:
     runtime = InferenceRuntime()
-    await run_service(runtime, port=int(os.environ.get("INFERENCE_HTTP_PORT", "0")))
+    await run_service(runtime, host=runtime.settings.http_host, port=runtime.settings.http_port)
 
 
 def main() -> None:

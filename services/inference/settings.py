@@ -29,6 +29,7 @@ class InferenceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="INFERENCE_", extra="ignore")
 
     http_port: int = Field(default=0, ge=-1, le=65535)
+    http_host: str = "127.0.0.1"
     mode: Literal["local", "k8s"] = "local"
     # The line every deployment joins (the gateway routes by it).
     served_model_name: str = Field(default="tuneloop", pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
@@ -61,7 +62,7 @@ class InferenceSettings(BaseSettings):
     stop_engines_on_exit: bool = True
     # k8s mode
     k8s_namespace: str = "tuneloop"
-    k8s_image: str = "vllm/vllm-openai:v0.11.0"
+    k8s_image: str = "vllm/vllm-openai:v0.32.0"
     k8s_models_pvc: str = "tuneloop-models"
     k8s_apply: bool = True
 

@@ -4,6 +4,7 @@ listed *and* a smoke completion returns text) and LoRA hot-loading (vLLM's runti
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -38,12 +39,15 @@ class EngineClient:
     async def _json(self, method: str, url: str, **kwargs: Any) -> tuple[int, Any]:
         session = await self.session()
         async with session.request(method, url, **kwargs) as resp:
-            body = await resp.content.read(MAX_BODY_BYTES + 1)
-            if len(body) > MAX_BODY_BYTES:
-                raise EngineError(f"{url}: response larger than {MAX_BODY_BYTES} bytes")
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in resp.content.iter_chunked(64 * 1024):
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    raise EngineError(f"{url}: response larger than {MAX_BODY_BYTES} bytes")
+                chunks.append(chunk)
+            body = b"".join(chunks)
             try:
-                import json
-
                 return resp.status, json.loads(body) if body else None
             except ValueError:
                 return resp.status, body.decode(errors="replace")[:2000]

@@ -227,6 +227,56 @@ async def test_promotion_keeps_stable_and_previous_warm_retires_older_and_bounds
     assert isinstance(out, ModelDeployed)  # m7 (a plain candidate) was evicted for it
 
 
+async def test_cli_deploys_by_hand_and_lists_deployments(
+    common, make_runtime, gguf_model_dir, nats_server, prefix
+):
+    import asyncio
+    import sys
+
+    await make_runtime(common, inference_settings())
+    env = {
+        **os.environ,
+        "TUNELOOP_HOME": str(common.home),
+        "TUNELOOP_NATS_URL": common.nats_url,
+        "TUNELOOP_SUBJECT_PREFIX": common.subject_prefix,
+        "DATABASE_URL": common.database_url,
+        "TUNELOOP_ARTIFACT_STORE_URL": common.artifact_store_url,
+        "COLUMNS": "250",
+    }
+    tuneloop = str(Path(sys.executable).parent / "tuneloop")
+
+    async def run(*args: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            tuneloop,
+            *args,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await proc.communicate()
+        return proc.returncode or 0, out.decode()
+
+    code, out = await run(
+        "deploy",
+        str(gguf_model_dir),
+        "--format",
+        "gguf-q4_k_m",
+        "--model-id",
+        "m-cli",
+        "--wait",
+        "120",
+    )
+    assert code == 0, out
+    deployed = await outcome(nats_server.url, prefix, "m-cli", 10)
+    assert isinstance(deployed, ModelDeployed) and deployed.endpoint in out
+    code, out = await run("deployments", "--live")
+    assert code == 0 and deployed.deployment_id in out and "ready" in out
+    code, out = await run("deploy", "/definitely/not/here")
+    assert code != 0 and "not a directory" in out
+    code, out = await run("deploy", str(gguf_model_dir), "--format", "pickle")
+    assert code != 0
+
+
 async def _rank_of(runtime: InferenceRuntime, deployment_id: str) -> int | None:
     row = await runtime.rollout.get(deployment_id)
     return row.stable_rank if row else None
