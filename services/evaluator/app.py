@@ -6,12 +6,16 @@ python -m services.evaluator.app      (HTTP port from EVALUATOR_HTTP_PORT)
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Annotated, Any
 
+from fastapi import HTTPException, Path
 from prometheus_client import Counter, Histogram
+from sqlmodel import col, select
 
 from services.evaluator.benchmark import Benchmark, load_benchmark
 from services.evaluator.client import ChatClient, OpenAIChatClient
@@ -21,6 +25,7 @@ from services.evaluator.handlers import (
     on_model_deployed,
     on_rollout_changed,
 )
+from services.evaluator.models import EvaluatorRun
 from services.evaluator.scoring import Scoring
 from services.evaluator.scoring.judge import ChatJudge
 from services.evaluator.scoring.similarity import MiniLMEmbedder
@@ -38,6 +43,7 @@ from shared.telemetry import tracer
 
 log = logging.getLogger(__name__)
 SERVICE = "evaluator"
+DEPLOYMENT_ID = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,199}$"
 
 EVALUATIONS = Counter(
     "tuneloop_evaluator_evaluations_total",
@@ -134,10 +140,48 @@ def wire(runtime: ServiceRuntime, settings: EvaluatorSettings) -> EvaluatorPorts
     async def rollout(event: RolloutChanged, delivery: Delivery) -> None:
         await on_rollout_changed(event, transaction=runtime.transaction)
 
+    add_routes(runtime)
     runtime.bus.subscribe(ModelDeployed, deployed, ack_wait_s=settings.ack_wait_s, heartbeat=True)
     runtime.bus.subscribe(RolloutChanged, rollout)
     log.info("evaluator: benchmark %s (%d items)", benchmark.name, len(benchmark.items))
     return ports
+
+
+def add_routes(runtime: ServiceRuntime) -> None:
+    """Read-only: what the evaluator has measured for a deployment."""
+
+    @runtime.http.get("/evaluations/{deployment_id}")
+    async def evaluations(
+        deployment_id: Annotated[str, Path(pattern=DEPLOYMENT_ID, max_length=200)],
+    ) -> dict[str, Any]:
+        async with runtime.db.session() as session:
+            rows = (
+                await session.exec(
+                    select(EvaluatorRun)
+                    .where(col(EvaluatorRun.deployment_id) == deployment_id)
+                    .order_by(col(EvaluatorRun.id))
+                )
+            ).all()
+        if not rows:
+            raise HTTPException(404, f"no evaluation of deployment {deployment_id!r}")
+        return {
+            "deployment_id": deployment_id,
+            "runs": [
+                {
+                    "benchmark": r.benchmark,
+                    "benchmark_version": r.benchmark_version,
+                    "kind": r.kind,
+                    "status": r.status,
+                    "passed": r.passed,
+                    "overall_score": r.overall_score,
+                    "reason": r.reason,
+                    "report_uri": r.report_uri,
+                    "created_at": r.created_at.isoformat(),
+                    "summary": json.loads(r.summary),
+                }
+                for r in rows
+            ],
+        }
 
 
 async def serve() -> None:

@@ -207,3 +207,34 @@ async def test_concurrent_deliveries_record_one_verdict(db, evaluator, upstream)
         async with ev.runtime.db.session() as session:
             rows = (await session.exec(select(OutboxMessage))).all()
         assert [r.event_type for r in rows if "twice" in r.payload] == ["EvaluationCompleted"]
+
+
+async def test_evaluations_route_reads_runs_and_refuses_bad_ids(db, evaluator, upstream):
+    import httpx
+
+    async with evaluator() as ev:
+        await ev.publish(deployed("base-r", upstream.endpoint("mediocre"), role="baseline"))
+        await ev.publish(deployed("cand-r", upstream.endpoint("good")))
+        await ev.wait_for(EvaluationCompleted, lambda e: e.deployment_id == "cand-r")
+        transport = httpx.ASGITransport(app=ev.runtime.http)
+        async with httpx.AsyncClient(transport=transport, base_url="http://ev") as client:
+            ok = await client.get("/evaluations/cand-r")
+            base = await client.get("/evaluations/base-r")
+            unknown = await client.get("/evaluations/nobody")
+            bad = [
+                await client.get(path)
+                for path in (
+                    "/evaluations/" + "a" * 5000,
+                    "/evaluations/..%2F..%2Fetc",
+                    "/evaluations/%00",
+                    "/evaluations/x'%20OR%201=1--",
+                )
+            ]
+    assert ok.status_code == 200
+    run = ok.json()["runs"][0]
+    assert run["kind"] == "candidate" and run["passed"] is True and run["overall_score"] == 1.0
+    assert run["summary"]["category_scores"]["todo"] == 1.0 and run["report_uri"]
+    assert base.json()["runs"][0]["kind"] == "baseline"  # the cached baseline run
+    assert unknown.status_code == 404
+    # refused by validation (422), or not even routed (a decoded '/' leaves the route: 404)
+    assert [r.status_code for r in bad] == [422, 404, 422, 422]
