@@ -38,7 +38,7 @@ def convert_to_gguf(model_dir: Path, out_file: Path, *, name: str = "tuneloop") 
     """Write an F32 GGUF of a Llama-architecture HF checkpoint with a GPT-2-style BPE vocab."""
     import gguf
     import numpy as np
-    from gguf.vocab import BpeVocab, SpecialVocab
+    from gguf.vocab import SpecialVocab
     from safetensors import safe_open
 
     config = json.loads((model_dir / "config.json").read_text())
@@ -47,10 +47,7 @@ def convert_to_gguf(model_dir: Path, out_file: Path, *, name: str = "tuneloop") 
         raise GgufError(f"GGUF conversion supports {sorted(SUPPORTED_ARCHITECTURES)}, not {archs}")
     if config.get("quantization_config"):
         raise GgufError("convert the merged full-precision model, not a quantized one")
-    try:
-        vocab = BpeVocab(model_dir)
-    except (FileNotFoundError, ValueError) as exc:
-        raise GgufError(f"tokenizer is not a byte-level BPE llama.cpp can load: {exc}") from exc
+    tokens, types = _bpe_vocab(model_dir, int(config["vocab_size"]))
 
     n_head = int(config["num_attention_heads"])
     n_kv = int(config.get("num_key_value_heads") or n_head)
@@ -72,11 +69,6 @@ def convert_to_gguf(model_dir: Path, out_file: Path, *, name: str = "tuneloop") 
     writer.add_vocab_size(int(config["vocab_size"]))
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
 
-    tokens, scores, types = [], [], []
-    for text, score, toktype in vocab.all_tokens():
-        tokens.append(text)
-        scores.append(score)
-        types.append(toktype)
     special = SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens))
     for tid in special.special_token_ids.values():
         if 0 <= tid < len(types):
@@ -84,7 +76,7 @@ def convert_to_gguf(model_dir: Path, out_file: Path, *, name: str = "tuneloop") 
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(_pre_tokenizer(model_dir))
     writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
+    writer.add_token_scores([0.0] * len(tokens))
     writer.add_token_types(types)
     special.add_to_gguf(writer, quiet=True)
 
@@ -114,6 +106,40 @@ def convert_to_gguf(model_dir: Path, out_file: Path, *, name: str = "tuneloop") 
     writer.write_tensors_to_file()
     writer.close()
     return out_file
+
+
+def _bpe_vocab(model_dir: Path, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Tokens (by id) and their llama.cpp types from a byte-level BPE ``tokenizer.json``.
+
+    Less strict than ``gguf.vocab.BpeVocab``: a tokenizer rebuilt by transformers from a GGUF
+    (SmolLM2 here) has a byte-fallback decoder chain around the byte-level one, and its special
+    tokens sit inside the base vocabulary.
+    """
+    import gguf
+
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        raise GgufError("no tokenizer.json: only fast byte-level BPE tokenizers are converted")
+    tok = json.loads(path.read_text())
+    model = tok.get("model") or {}
+    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(tok.get("pre_tokenizer")):
+        raise GgufError("tokenizer is not a byte-level BPE: llama.cpp's gpt2 vocab cannot hold it")
+    by_id: dict[int, str] = {int(i): t for t, i in model["vocab"].items()}
+    kinds: dict[int, int] = {}
+    for added in tok.get("added_tokens") or []:
+        tid = int(added["id"])
+        by_id[tid] = added["content"]
+        kinds[tid] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+    size = max(vocab_size, max(by_id) + 1)
+    tokens, types = [], []
+    for i in range(size):
+        if i in by_id:
+            tokens.append(by_id[i])
+            types.append(int(kinds.get(i, gguf.TokenType.NORMAL)))
+        else:  # the embedding has more rows than the tokenizer has tokens
+            tokens.append(f"[PAD{i}]")
+            types.append(int(gguf.TokenType.UNUSED))
+    return tokens, types
 
 
 def _rope_theta(config: dict[str, Any]) -> float:

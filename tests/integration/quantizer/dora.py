@@ -51,6 +51,8 @@ def train_dora(base_dir: Path, out_dir: Path, *, steps: int = 12, seed: int = 0)
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(base_dir)
+    if tok.pad_token is None:  # SmolLM2's tokenizer has none
+        tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     config = LoraConfig(
         r=8, lora_alpha=16, use_dora=True, target_modules="all-linear", task_type="CAUSAL_LM"
