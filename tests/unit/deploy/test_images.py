@@ -215,20 +215,30 @@ print(json.dumps(results))
 
 
 @functools.cache
-def imports_in_image(service: str) -> dict[str, str | None]:
-    """Import the service's app and the tuneloop CLI with only the image's distributions."""
-    allowed = sorted(image_closure(service) | {"tuneloop"})
-    targets = [f"services.{service}.app", "shared.cli"]
-    out = subprocess.run(
-        [sys.executable, "-c", _IMPORT_PROBE, json.dumps(allowed), *targets],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=240,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    results: dict[str, str | None] = json.loads(out.stdout.strip().splitlines()[-1])
+def imports_in_images() -> dict[str, dict[str, str | None]]:
+    """For each image: import the service's app and the tuneloop CLI with only the image's
+    distributions (one interpreter per image, all started at once)."""
+    procs = {}
+    for service in SERVICES:
+        allowed = sorted(image_closure(service) | {"tuneloop"})
+        targets = [f"services.{service}.app", "shared.cli"]
+        procs[service] = subprocess.Popen(
+            [sys.executable, "-c", _IMPORT_PROBE, json.dumps(allowed), *targets],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+    results: dict[str, dict[str, str | None]] = {}
+    for service, proc in procs.items():
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err[-2000:]
+        results[service] = json.loads(out.strip().splitlines()[-1])
     return results
+
+
+def imports_in_image(service: str) -> dict[str, str | None]:
+    return imports_in_images()[service]
 
 
 @pytest.mark.parametrize("service", SERVICES)
