@@ -12,6 +12,7 @@ import contextlib
 import gzip
 import os
 import random
+import resource
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import orjson
 
-from services.ingest.pipeline import chunks, dedupe, formats
+from services.ingest.pipeline import chunks, dedupe, formats, validate
 from services.ingest.pipeline.formats import SourceFile
 from services.ingest.pipeline.pii import PiiScrubber
 from services.ingest.pipeline.run import CHUNK_RECORDS, Pipeline, rules_for
@@ -239,6 +240,9 @@ def stage_costs(sources: list[SourceFile], config: ProcessingConfig) -> list[tup
             for m in convs:
                 with contextlib.suppress(chunks.Rejected):
                     chunks._check(m, rules)
+            validate.error_texts(
+                [t["content"] for m in convs for t in m if t["role"] == "assistant"]
+            )
 
         timed("validate (RE2 error text)", check)
 
@@ -318,6 +322,8 @@ def main() -> None:
             )
         if executor:
             executor.shutdown()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"peak RSS of the main process: {peak:.0f} MB (the corpus is {size / 1e6:.0f} MB)")
         print("\nsingle-core cost per stage (records/s):")
         for name, rate in stage_costs(sources, ProcessingConfig()):
             print(f"  {name:<32}{rate:>12,.0f}")

@@ -57,7 +57,7 @@ class ChunkJob:
 class Kept:
     position: int
     record_id: str
-    line: bytes
+    line: bytes  # the output JSON line, newline included
     key: bytes
     category: str
     source: str
@@ -73,6 +73,10 @@ class ChunkResult:
     # Per kept record: LSH band keys and low 16 bits of the MinHash signature.
     band_keys: np.ndarray | None = None
     signatures: np.ndarray | None = None
+
+
+_Valid = tuple[int, Any, list[dict[str, str]], int, int]
+"""(position, parsed record, messages, input chars, output chars)"""
 
 
 class Rejected(Exception):
@@ -107,19 +111,34 @@ def _check(messages: list[dict[str, str]], rules: Rules) -> tuple[int, int]:
         raise Rejected(
             "output_too_long", f"answer has {output_chars} chars (> {rules.max_output_chars})"
         )
-    if rules.reject_error_text:
-        for m in messages:
-            if m["role"] == "assistant":
-                found = validate.error_text(m["content"])
-                if found:
-                    raise Rejected("error_text", f"answer contains error text {found!r}")
     return input_chars, output_chars
+
+
+def _drop_error_answers(valid: list[_Valid], result: ChunkResult) -> list[_Valid]:
+    """Reject records whose answers contain error text (one scan for the whole chunk)."""
+    answers: list[str] = []
+    owners: list[int] = []
+    for vi, v in enumerate(valid):
+        for m in v[2]:
+            if m["role"] == "assistant":
+                answers.append(m["content"])
+                owners.append(vi)
+    drop: dict[int, str] = {}
+    for ai, fragment in validate.error_texts(answers).items():
+        drop.setdefault(owners[ai], fragment)
+    if not drop:
+        return valid
+    for vi, fragment in drop.items():
+        reason = f"answer contains error text {fragment!r}"
+        result.rejected.append((valid[vi][0], "error_text", reason))
+    result.rejected.sort()
+    return [v for vi, v in enumerate(valid) if vi not in drop]
 
 
 def process_chunk(job: ChunkJob) -> ChunkResult:
     rules = job.rules
     result = ChunkResult()
-    valid: list[tuple[int, Any, list[dict[str, str]], int, int]] = []
+    valid: list[_Valid] = []
     for position, raw in job.items:
         try:
             if isinstance(raw, bytes | bytearray) and not raw.strip():
@@ -145,6 +164,8 @@ def process_chunk(job: ChunkJob) -> ChunkResult:
             continue
         valid.append((position, record, messages, input_chars, output_chars))
 
+    if rules.reject_error_text and not job.trusted:
+        valid = _drop_error_answers(valid, result)
     if rules.scrub_pii and not job.trusted:
         # One scan over every message of the chunk (see PiiScrubber.scrub_many).
         scrubber = PiiScrubber()
@@ -163,7 +184,8 @@ def process_chunk(job: ChunkJob) -> ChunkResult:
         key = dedupe.exact_key(lowered)
         record_id = (label(record, "id") if job.trusted else None) or f"r{key.hex()[:24]}"
         line = orjson.dumps(
-            {"id": record_id, "messages": messages, "category": category, "source": source}
+            {"id": record_id, "messages": messages, "category": category, "source": source},
+            option=orjson.OPT_APPEND_NEWLINE,
         )
         result.kept.append(
             Kept(position, record_id, line, key, category, source, input_chars, output_chars)

@@ -12,6 +12,7 @@ Deterministic for a given seed.
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 from collections import defaultdict
@@ -105,8 +106,9 @@ def build_manifests(
 
     rng = random.Random(f"{seed}:C")
     target_c = targets.get("C", max(1, math.ceil(n * stress_fraction)) if n else 0)
-    longest = sorted(range(n), key=lambda i: (-lengths[i], ids[i]))
-    pool = [ids[i] for i in longest[: min(target_c, n)]]
+    # Longest first; ties by id so the choice never depends on input order.
+    longest = heapq.nsmallest(min(target_c, n), range(n), key=lambda i: (-lengths[i], ids[i]))
+    pool = [ids[i] for i in longest]
     manifests["C"] = {
         "phase": "C",
         "description": DESCRIPTIONS["C"],

@@ -27,6 +27,20 @@ _M1 = np.uint64(0x9E3779B97F4A7C15)
 _M2 = np.uint64(0xC2B2AE3D27D4EB4F)
 
 
+def _powers(base: int, n: int) -> np.ndarray:
+    """base**0 .. base**(n-1) mod 2**64, by doubling (log n vector multiplies)."""
+    out = np.empty(max(n, 1), dtype=np.uint64)
+    out[0] = 1
+    k = 1
+    with np.errstate(over="ignore"):
+        while k < n:
+            m = min(k, n - k)
+            step = np.uint64(pow(base, k, 2**64))
+            out[k : k + m] = out[:m] * step
+            k += m
+    return out
+
+
 class _Powers:
     """BASE**i and BASE**-i mod 2**64 (BASE is odd, so it has an inverse), grown on demand."""
 
@@ -37,12 +51,8 @@ class _Powers:
     def get(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         if len(self.up) < n:
             size = max(n, 2 * len(self.up))
-            up = np.full(size, _BASE, dtype=np.uint64)
-            up[0] = 1
-            down = np.full(size, pow(_BASE, -1, 2**64), dtype=np.uint64)
-            down[0] = 1
-            with np.errstate(over="ignore"):
-                self.up, self.down = np.cumprod(up), np.cumprod(down)
+            self.up = _powers(_BASE, size)
+            self.down = _powers(pow(_BASE, -1, 2**64), size)
         return self.up[:n], self.down[:n]
 
 
@@ -106,12 +116,12 @@ def shingle_hashes(texts: list[bytes], words: int = SHINGLE_WORDS) -> tuple[np.n
     return h, offsets
 
 
-SIGNATURE_BATCH_BYTES = 8 * 1024 * 1024
+SIGNATURE_BATCH_BYTES = 1024 * 1024
 
 
 def signatures(texts: list[bytes], *, num_perm: int, seed: int = 1) -> np.ndarray:
     """MinHash signatures, shape (len(texts), num_perm), uint32. Texts are hashed in
-    batches of at most ~8 MB, so memory stays bounded whatever the chunk holds."""
+    batches of about 1 MB: memory stays bounded and the arrays stay in cache."""
     out = np.zeros((len(texts), num_perm), dtype=np.uint32)
     start = 0
     while start < len(texts):

@@ -109,31 +109,34 @@ class PiiScrubber:
 
     def scrub_many(self, texts: list[str]) -> list[str]:
         """Scrub many texts with one candidate scan over all of them: one RE2 call per
-        chunk of records instead of one per message (the per-call cost dominated)."""
+        chunk of records instead of one per message (the per-call cost dominated). The scan
+        runs on UTF-8 bytes, so match offsets need no conversion to character positions."""
         if not texts:
             return texts
-        starts = list(itertools.accumulate((len(t) + 1 for t in texts[:-1]), initial=0))
+        encoded = [t.encode("utf-8", "surrogatepass") for t in texts]
+        starts = list(itertools.accumulate((len(b) + 1 for b in encoded[:-1]), initial=0))
         # Candidates never contain NUL, so none spans two texts.
-        joined = "\x00".join(texts)
-        edits: dict[int, list[tuple[int, int, str]]] = {}
-        for match in _CANDIDATE.finditer(joined):
-            found = match.group(0)
+        edits: dict[int, list[tuple[int, int, bytes]]] = {}
+        for match in _CANDIDATE.finditer(b"\x00".join(encoded)):
+            found = match.group(0).decode("ascii", "replace")
             replaced = self._classify(found)
             if replaced != found:
                 start, end = match.span()
                 i = bisect.bisect_right(starts, start) - 1
-                edits.setdefault(i, []).append((start - starts[i], end - starts[i], replaced))
+                edits.setdefault(i, []).append(
+                    (start - starts[i], end - starts[i], replaced.encode())
+                )
         if not edits:
             return texts
         out = list(texts)
         for i, changes in edits.items():
-            text, last = texts[i], 0
-            pieces: list[str] = []
-            for start, end, replaced in changes:
-                pieces += (text[last:start], replaced)
+            data, last = encoded[i], 0
+            pieces: list[bytes] = []
+            for start, end, new in changes:
+                pieces += (data[last:start], new)
                 last = end
-            pieces.append(text[last:])
-            out[i] = "".join(pieces)
+            pieces.append(data[last:])
+            out[i] = b"".join(pieces).decode("utf-8", "surrogatepass")
         return out
 
     def _cards(self, span: str) -> str:

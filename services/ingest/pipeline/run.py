@@ -234,6 +234,7 @@ class Pipeline:
         near = self.rules.near_dedupe and result.band_keys is not None
         band_rows = result.band_keys.tolist() if near and result.band_keys is not None else []
         kept = 0
+        lines: list[bytes] = []
         for i, rec in enumerate(result.kept):
             where = f"{src.display_name}:{rec.position}"
             first = self.exact.get(rec.key)
@@ -255,8 +256,7 @@ class Pipeline:
                     continue
                 self.near.add(band_rows[i], result.signatures[i], where)
             self.exact[rec.key] = where
-            self._spool.write(rec.line)
-            self._spool.write(b"\n")
+            lines.append(rec.line)
             meta = self.meta
             meta.ids.append(rec.record_id)
             meta.categories.append(rec.category)
@@ -265,6 +265,7 @@ class Pipeline:
             meta.output_chars.append(rec.output_chars)
             meta.fixed_split.append(split_code)
             kept += 1
+        self._spool.writelines(lines)
         stats["read"] += len(result.kept) + len(result.rejected)
         stats["kept"] += kept
         self.timings["dedupe_and_spool"] += time.perf_counter() - started
@@ -324,6 +325,13 @@ class Pipeline:
 
     # ---------------------------------------------------------------- the run
 
+    @staticmethod
+    def _flush(out: Any, digest: Any, lines: list[bytes]) -> None:
+        block = b"".join(lines)
+        out.write(block)
+        digest.update(block)
+        lines.clear()
+
     def run(
         self,
         sources: list[SourceFile],
@@ -344,7 +352,6 @@ class Pipeline:
         train_path = workdir / "train.jsonl"
         validation_path = workdir / "validation.jsonl"
         digests = {1: hashlib.sha256(), 2: hashlib.sha256()}
-        counts = {1: 0, 2: 0}
         train_idx: list[int] = []
         with (
             spool_path.open("rb") as spool_in,
@@ -352,13 +359,17 @@ class Pipeline:
             validation_path.open("wb") as val_out,
         ):
             outs = {1: train_out, 2: val_out}
+            pending: dict[int, list[bytes]] = {1: [], 2: []}
             for i, line in enumerate(spool_in):
                 split = assignment[i]
-                outs[split].write(line)
-                digests[split].update(line)
-                counts[split] += 1
+                pending[split].append(line)
                 if split == 1:
                     train_idx.append(i)
+                if len(pending[split]) >= 4096:
+                    self._flush(outs[split], digests[split], pending[split])
+            for split, out in outs.items():
+                self._flush(out, digests[split], pending[split])
+            counts = {1: len(train_idx), 2: len(assignment) - len(train_idx)}
         spool_path.unlink()
         self.timings["split_and_write"] += time.perf_counter() - t0
 

@@ -3,6 +3,9 @@ answers. Each check returns the reason a record is rejected, or None."""
 
 from __future__ import annotations
 
+import bisect
+import itertools
+
 import re2
 
 # Text that means the "answer" is a failure, not an answer: tracebacks, refusals, API errors.
@@ -49,3 +52,16 @@ def error_text(answer: str) -> str | None:
     """The error-looking fragment of an answer, if there is one."""
     match = ERROR_TEXT.search(answer)
     return match.group(0)[:80] if match else None
+
+
+def error_texts(answers: list[str]) -> dict[int, str]:
+    """For many answers at once (one RE2 scan): index → the first error-looking fragment."""
+    if not answers:
+        return {}
+    starts = list(itertools.accumulate((len(a) + 1 for a in answers[:-1]), initial=0))
+    found: dict[int, str] = {}
+    # No pattern matches NUL, so no match spans two answers.
+    for match in ERROR_TEXT.finditer("\x00".join(answers)):
+        i = bisect.bisect_right(starts, match.start()) - 1
+        found.setdefault(i, match.group(0)[:80])
+    return found

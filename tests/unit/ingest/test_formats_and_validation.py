@@ -166,7 +166,24 @@ def test_oversized_and_deeply_nested_lines_are_rejected(monkeypatch):
     monkeypatch.setattr(formats, "MAX_RECORD_BYTES", 1000)
     huge = orjson.dumps(alpaca(P, "a" * 2000))
     nested = b"[" * 100_000 + b"]" * 100_000
-    result = _run([(1, huge), (2, nested), (3, b"null"), (4, b'"just a string"')])
+    surrogate = b'{"instruction": "\\ud800 lone surrogate", "output": "x"}'
+    result = _run([(1, huge), (2, nested), (3, b"null"), (4, b'"just a string"'), (5, surrogate)])
     codes = {pos: code for pos, code, _ in result.rejected}
-    assert codes == {1: "parse", 2: "parse", 3: "format", 4: "format"}
+    assert codes == {1: "parse", 2: "parse", 3: "format", 4: "format", 5: "parse"}
     assert "longer than" in result.rejected[0][2]
+
+
+def test_answers_with_error_text_are_rejected_in_a_chunk():
+    items = [
+        (1, orjson.dumps(alpaca(P, A))),
+        (2, orjson.dumps(alpaca(P, "I'm sorry, I cannot help with that. " + A))),
+        (3, orjson.dumps(openai(P, A + " Traceback (most recent call last): boom"))),
+        (4, orjson.dumps(alpaca(P + "x", A + "y"))),
+    ]
+    result = _run(items, None)
+    assert [(pos, code) for pos, code, _ in result.rejected] == [
+        (2, "error_text"),
+        (3, "error_text"),
+    ]
+    assert [k.position for k in result.kept] == [1, 4]
+    assert len(_run(items, None, reject_error_text=False).kept) == 4
