@@ -80,9 +80,10 @@ def closure(requirements: list[str], extras: set[str]) -> set[str]:
     return seen
 
 
-def image_closure(service: str) -> set[str]:
+@functools.cache
+def image_closure(service: str) -> frozenset[str]:
     core = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    return closure(core, installed_extras(service))
+    return frozenset(closure(core, installed_extras(service)))
 
 
 @pytest.mark.parametrize("service", SERVICES)
@@ -280,3 +281,56 @@ def test_the_import_probe_blocks_what_an_image_lacks() -> None:
 def test_the_tuneloop_cli_runs_in_the_image(service: str) -> None:
     error = imports_in_image(service)["shared.cli"]
     assert error is None, error
+
+
+# System libraries a base image already has (glibc, the C++ runtime apt itself needs, zlib and,
+# for the Python images, OpenSSL), and the Debian/Ubuntu package of the others we know.
+BASE_LIBRARIES = {
+    "libc.so.6", "libm.so.6", "libdl.so.2", "libpthread.so.0", "librt.so.1", "libutil.so.1",
+    "libstdc++.so.6", "libgcc_s.so.1", "libz.so.1", "libssl.so.3", "libcrypto.so.3",
+}  # fmt: skip
+PACKAGE_OF_LIBRARY = {"libgomp.so.1": "libgomp1"}
+# Wheels that bundle their own runtime (torch ships libgomp) or accelerator back ends this CPU
+# machine lacks by design (CUDA/ROCm/SYCL builds of bitsandbytes and friends).
+NOT_SCANNED = re.compile(r"^(torch|triton|nvidia-.*|bitsandbytes)$")
+
+
+@functools.cache
+def native_libraries(service: str) -> frozenset[str]:
+    """System libraries that the native modules in the image's closure load (ldd here)."""
+    objects: list[str] = []
+    for name in sorted(image_closure(service)):
+        if NOT_SCANNED.match(name):
+            continue
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        for file in dist.files or []:
+            if re.search(r"\.so(\.\d+)*$", file.name):
+                objects.append(str(dist.locate_file(file)))
+    needed: set[str] = set()
+    for i in range(0, len(objects), 200):
+        out = subprocess.run(
+            ["ldd", *objects[i : i + 200]], capture_output=True, text=True, timeout=120
+        ).stdout
+        for lib, where in re.findall(r"^\s+(\S+) => (/\S+)", out, re.M):
+            if "/site-packages/" not in where:
+                needed.add(lib)
+    return frozenset(needed)
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_images_install_the_system_libraries_their_wheels_need(service: str) -> None:
+    needed = native_libraries(service) - BASE_LIBRARIES
+    unknown = needed - set(PACKAGE_OF_LIBRARY)
+    assert not unknown, f"{service}: which package provides {sorted(unknown)}?"
+    installed = " ".join(
+        " ".join(i.value) for i in final_stage(dockerfile(service)) if i.cmd == "RUN"
+    )
+    for lib in needed:
+        assert PACKAGE_OF_LIBRARY[lib] in installed.split(), (service, lib)
+
+
+def test_the_library_scan_sees_llama_cpp_needing_openmp() -> None:
+    assert "libgomp.so.1" in native_libraries("quantizer")
