@@ -56,13 +56,16 @@ def render_summary(summary: RunSummary, baseline: RunSummary | None) -> Table:
     if baseline:
         overall.append(f"{baseline.overall_score:.3f}")
     table.add_row(*overall, style="bold")
-    lat = summary.latency
-    table.caption = (
-        f"latency ms p50 {lat.p50_ms:.0f} p95 {lat.p95_ms:.0f} p99 {lat.p99_ms:.0f} "
-        f"mean {lat.mean_ms:.0f} | {summary.tokens_per_second:.1f} tok/s | "
-        f"errors {summary.errors} | {summary.wall_s:.1f} s"
-    )
     return table
+
+
+def summary_line(summary: RunSummary) -> str:
+    lat = summary.latency
+    return (
+        f"latency ms: p50 {lat.p50_ms:.0f}  p95 {lat.p95_ms:.0f}  p99 {lat.p99_ms:.0f}  "
+        f"mean {lat.mean_ms:.0f}\n{summary.tokens_per_second:.1f} tokens/s, "
+        f"{summary.errors} errors, {summary.wall_s:.1f} s"
+    )
 
 
 def register(app: typer.Typer) -> None:
@@ -160,6 +163,7 @@ def register(app: typer.Typer) -> None:
             output, result, base_summary, verdict, endpoint, model, unreachable, started_at
         )
         console.print(render_summary(summary, base_summary))
+        console.print(summary_line(summary))
         if unreachable:
             console.print(f"[red]{unreachable}[/red]")
             raise typer.Exit(3)

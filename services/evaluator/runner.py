@@ -227,8 +227,9 @@ async def _ask(
     max_tokens = item.max_tokens or opts.max_tokens
     for attempt in range(opts.retries + 1):
         if breaker.open:
-            result.error_kind = "skipped"
-            result.error = f"not asked: endpoint unreachable ({breaker.last_error})"[:500]
+            if attempt == 0:  # never asked; a retried item keeps its own last error
+                result.error_kind = "skipped"
+                result.error = f"not asked: endpoint unreachable ({breaker.last_error})"[:500]
             return None
         result.attempts = attempt + 1
         try:
