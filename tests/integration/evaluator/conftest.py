@@ -210,9 +210,10 @@ def _vllm_ready(url: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def vllm_tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
-    """One real vLLM (CPU) serving the tiny test model for the whole session."""
+    """One real vLLM (CPU) serving the tiny test model for test_vllm.py (stopped after it,
+    so the engine's memory and threads are not held through the rest of the suite)."""
     import os
     import signal
     import subprocess
