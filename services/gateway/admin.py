@@ -258,6 +258,8 @@ def install(app: FastAPI, state: GatewayState) -> None:
             session.add(fb)
             await session.flush()
             applied = await apply_feedback(session, fb)
+        if not applied and fb.id is not None:
+            state.feedback_pending(fb.id)
         return {"response_id": body.response_id, "applied": applied}
 
     app.include_router(router)

@@ -19,7 +19,7 @@ import orjson
 from prometheus_client import Counter
 from sqlalchemy import insert, update
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import col, select
+from sqlmodel import col
 
 from services.gateway.models import GatewayFeedback
 from services.gateway.pii import scrub
@@ -174,6 +174,7 @@ class CaptureSink:
         self.charge_tokens = charge_tokens
         self.queue: asyncio.Queue[CaptureRecord] = asyncio.Queue(maxsize=queue_size)
         self._task: asyncio.Task[None] | None = None
+        self._inflight: list[CaptureRecord] = []
         self.written = 0
         self.dropped = 0
 
@@ -196,7 +197,7 @@ class CaptureSink:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
-        rest: list[CaptureRecord] = []
+        rest, self._inflight = self._inflight, []  # taken from the queue, not yet written
         while not self.queue.empty():
             rest.append(self.queue.get_nowait())
         for i in range(0, len(rest), self.batch_size):
@@ -217,7 +218,7 @@ class CaptureSink:
     async def _run(self) -> None:
         queue = self.queue
         while True:
-            batch = [await queue.get()]
+            batch = self._inflight = [await queue.get()]
             if queue.qsize() < self.batch_size - 1:
                 await asyncio.sleep(self.flush_s)  # let a batch gather (the queue is bounded)
             while len(batch) < self.batch_size and not queue.empty():
@@ -226,6 +227,7 @@ class CaptureSink:
                 await self._write(batch)
             except Exception:
                 log.exception("capture batch of %d failed", len(batch))
+            self._inflight = []
 
     def _row(self, rec: CaptureRecord, parsed: Parsed) -> dict[str, Any]:
         cut = self.max_text_chars
@@ -280,7 +282,6 @@ class CaptureSink:
             raise
         self.written += len(rows)
         CAPTURED.inc(len(rows))
-        await apply_pending_feedback(self.db, [r["id"] for r in rows])
 
 
 def quality_score(rating: int, correction: str | None) -> float:
@@ -288,24 +289,6 @@ def quality_score(rating: int, correction: str | None) -> float:
     if correction or rating < 0:
         return 0.0
     return 1.0 if rating > 0 else 0.5
-
-
-async def apply_pending_feedback(db: Database, response_ids: list[str]) -> int:
-    """Copy feedback recorded before its interaction was written onto the interaction."""
-    if not response_ids:
-        return 0
-    applied = 0
-    async with db.session() as session:
-        result = await session.exec(
-            select(GatewayFeedback).where(
-                col(GatewayFeedback.response_id).in_(response_ids),
-                col(GatewayFeedback.applied).is_(False),
-            )
-        )
-        for fb in result.all():
-            if await apply_feedback(session, fb):
-                applied += 1
-    return applied
 
 
 async def apply_feedback(session: Any, fb: GatewayFeedback) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
@@ -22,9 +23,9 @@ from sqlalchemy import func
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.gateway.capture import CaptureRecord, CaptureSink
+from services.gateway.capture import CaptureRecord, CaptureSink, apply_feedback
 from services.gateway.keys import KeyInfo, KeyRing, RateLimiter
-from services.gateway.models import GatewayDeployment
+from services.gateway.models import GatewayDeployment, GatewayFeedback
 from services.gateway.routing import state as route_state
 from services.gateway.routing.policy import Slo, decide
 from services.gateway.routing.stats import LiveStats
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 ROLLOUTS = Counter("gateway_rollout_changes_total", "Rollout transitions made here", ["action"])
 CANARY_WEIGHT = Gauge("gateway_canary_weight", "Current canary share", ["model"])
 ROUTED_STATES = ("stable", "canary")
+FEEDBACK_RETRY_S = 30.0
 
 
 class Outbox(Protocol):
@@ -85,6 +87,8 @@ class GatewayState:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.canary_ids: frozenset[str] = frozenset()
+        # Feedback that arrived before its interaction was written: id -> give-up time.
+        self.pending_feedback: dict[int, float] = {}
 
     # ------------------------------------------------------------------ hot-path hooks
 
@@ -101,12 +105,41 @@ class GatewayState:
     def capture_offer(self, record: CaptureRecord) -> None:
         self.capture.offer(record)
 
+    def feedback_pending(self, feedback_id: int) -> None:
+        """Retry applying this feedback for a while (its interaction may still be queued here
+        or on another replica). Bounded: beyond 10,000 pending, the oldest are given up."""
+        if len(self.pending_feedback) >= 10_000:
+            self.pending_feedback.pop(next(iter(self.pending_feedback)))
+        self.pending_feedback[feedback_id] = time.monotonic() + FEEDBACK_RETRY_S
+
+    async def apply_pending_feedback(self) -> int:
+        if not self.pending_feedback:
+            return 0
+        now = time.monotonic()
+        for fid in [f for f, until in self.pending_feedback.items() if until < now]:
+            del self.pending_feedback[fid]
+        applied = 0
+        async with self.db.session() as session:
+            result = await session.exec(
+                select(GatewayFeedback).where(
+                    col(GatewayFeedback.id).in_(list(self.pending_feedback)),
+                    col(GatewayFeedback.applied).is_(False),
+                )
+            )
+            for fb in result.all():
+                if await apply_feedback(session, fb):
+                    applied += 1
+                    assert fb.id is not None
+                    self.pending_feedback.pop(fb.id, None)
+        return applied
+
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         await self.sync_once(force=True)
         self.capture.start()
         self._tasks = [
+            asyncio.create_task(self._loop(self.apply_pending_feedback, 0.5, False)),
             asyncio.create_task(self._loop(self.sync_once, self.settings.sync_interval_s, False)),
             asyncio.create_task(
                 self._loop(self.control_once, self.settings.control_interval_s, True)
@@ -121,6 +154,10 @@ class GatewayState:
                 await task
         self._tasks = []
         await self.capture.stop()
+        try:
+            await self.apply_pending_feedback()
+        except Exception:
+            log.exception("pending feedback not applied at shutdown")
         for upstream in self.upstreams.values():
             await upstream.close()
 

@@ -20,7 +20,8 @@ _IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b
 _SSN = re.compile(r"\b\d{3}-\d{2}-\d{4}\b")
 _PHONE = re.compile(r"(?<![\w+])\+?\d{1,3}?[ .\-]?\(?\d{2,4}\)?[ .\-]?\d{3,4}[ .\-]?\d{3,4}\b")
 _IPV4 = re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b")
-_DIGIT = re.compile(r"\d")
+# Every numeric pattern below has three digits with at most one separator between them.
+_NUMERIC = re.compile(r"\d\D?\d\D?\d")
 
 
 def _luhn_ok(digits: str) -> bool:
@@ -51,7 +52,7 @@ def scrub(text: str) -> str:
         text = _SECRET.sub("<SECRET>", text)
     if "earer" in text or "EARER" in text:
         text = _BEARER.sub("Bearer <SECRET>", text)
-    if _DIGIT.search(text) is None:
+    if _NUMERIC.search(text) is None:
         return text
     text = _CARD.sub(_card, text)
     text = _IBAN.sub("<IBAN>", text)

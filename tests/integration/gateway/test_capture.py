@@ -81,6 +81,10 @@ async def test_capture_scrubs_pii_and_takes_feedback(gateways, upstreams, pipeli
             assert r.status_code == 202 and r.json()["applied"] is False
 
         rows = await eventually(lambda: _count(database_url, 3), what="3 interactions")
+        # The feedback came before its row was written: applied shortly after it is.
+        rated = await eventually(lambda: _rated(database_url, response_id), what="feedback applied")
+        assert rated.feedback_rating == -1 and rated.quality_score == 0.0
+        assert rated.feedback_comment == "a better answer"
         rows = {r.endpoint + (":s" if r.response_text == "base: x y" else ""): r for r in rows}
         chat, stream, completion = rows["chat"], rows["chat:s"], rows["completions"]
         for row in (chat, completion):
@@ -93,9 +97,13 @@ async def test_capture_scrubs_pii_and_takes_feedback(gateways, upstreams, pipeli
         assert chat.prompt_tokens == 7 and chat.completion_tokens == 5
         assert chat.latency_ms > 0 and chat.trace_id and len(chat.trace_id) == 32
         assert chat.api_key_id == key.split("_")[1]
-        assert chat.feedback_rating == -1 and chat.quality_score == 0.0
         assert stream.response_text == "base: x y" and stream.completion_tokens == 3
         assert json.loads(completion.request)["prompt"].startswith("I am <EMAIL>")
+
+
+async def _rated(db_url: str, response_id: str) -> Interaction | None:
+    rows = [r for r in await _rows(db_url) if r.id == response_id and r.feedback_rating]
+    return rows[0] if rows else None
 
 
 async def _count(db_url: str, n: int) -> list[Interaction] | None:
@@ -128,3 +136,44 @@ async def test_capture_switch_overload_and_db_down(gateways, upstreams, pipeline
             )
             assert all(r.status_code == 200 for r in results)
             await eventually(lambda: gw.state.capture.dropped > 0, what="capture dropped")
+
+
+async def test_capture_sink_keeps_inflight_records_at_shutdown_and_drops_when_full(sqlite_db):
+    from services.gateway.capture import CaptureRecord, CaptureSink
+
+    sink = CaptureSink(
+        sqlite_db,
+        enabled=True,
+        queue_size=5,
+        batch_size=100,
+        flush_s=30.0,
+        max_text_chars=1000,
+    )
+
+    def record(i: int) -> CaptureRecord:
+        body = json.dumps({"id": f"r{i}", "choices": [{"message": {"content": f"a{i}"}}]})
+        return CaptureRecord(
+            endpoint="chat",
+            request={"messages": [{"role": "user", "content": "q"}]},
+            body=body.encode(),
+            stream=False,
+            served_model_name=MODEL,
+            deployment_id="d",
+            model_id=None,
+            key_id="k",
+            key_tpm=None,
+            user_hash=None,
+            status_code=200,
+            latency_ms=1.0,
+            trace_id=None,
+        )
+
+    for i in range(7):
+        sink.offer(record(i))
+    assert sink.dropped == 2  # a full queue drops, never waits
+    sink.start()
+    await asyncio.sleep(0.05)  # the writer has taken a record and waits for its batch
+    await sink.stop()
+    async with sqlite_db.session() as session:
+        ids = sorted(r.id for r in (await session.exec(select(Interaction))).all())
+    assert ids == [f"r{i}" for i in range(5)]
