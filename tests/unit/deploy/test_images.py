@@ -5,6 +5,7 @@ copy and drops the rest."""
 
 from __future__ import annotations
 
+import ast
 import functools
 import json
 import re
@@ -334,3 +335,60 @@ def test_images_install_the_system_libraries_their_wheels_need(service: str) -> 
 
 def test_the_library_scan_sees_llama_cpp_needing_openmp() -> None:
     assert "libgomp.so.1" in native_libraries("quantizer")
+
+
+def _imported_modules(tree: ast.AST) -> set[str]:
+    """Top-level modules a module imports anywhere (functions included), except under
+    ``if TYPE_CHECKING:`` and in ``try`` blocks that catch ImportError (optional extras)."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST, optional: bool) -> None:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for stmt in node.orelse:
+                visit(stmt, optional)
+            return
+        if isinstance(node, ast.Try):
+            caught = " ".join(ast.unparse(h.type) for h in node.handlers if h.type is not None)
+            guarded = "ImportError" in caught or "ModuleNotFoundError" in caught
+            for stmt in node.body:
+                visit(stmt, optional or guarded)
+            rest: list[ast.AST] = [*node.handlers, *node.orelse, *node.finalbody]
+            for other in rest:
+                visit(other, optional)
+            return
+        if not optional:
+            if isinstance(node, ast.Import):
+                found.update(alias.name.partition(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.partition(".")[0])
+        for child in ast.iter_child_nodes(node):
+            visit(child, optional)
+
+    visit(tree, False)
+    return found
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_every_module_the_service_imports_ships_in_its_image(service: str) -> None:
+    """Lazy imports too: a function-level ``import llama_cpp`` fails only when that path runs."""
+    modules: set[str] = set()
+    for path in (ROOT / "services" / service).rglob("*.py"):
+        modules |= _imported_modules(ast.parse(path.read_text()))
+    local = {"shared", "services", "tests", "__future__"}
+    owners = metadata.packages_distributions()
+    closure_of_image = image_closure(service)
+    missing: dict[str, list[str]] = {}
+    for module in sorted(modules - set(sys.stdlib_module_names) - local):
+        dists = {d.lower().replace("_", "-") for d in owners.get(module, [])}
+        if not dists & closure_of_image:
+            missing[module] = sorted(dists) or ["(not installed anywhere)"]
+    assert not missing, f"{service} imports what its image lacks: {missing}"
+
+
+def test_the_import_scan_skips_optional_and_type_only_imports() -> None:
+    tree = ast.parse(
+        "import os\nfrom typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import torch\n"
+        "try:\n    import uvloop\nexcept ImportError:\n    uvloop = None\n"
+        "def f():\n    import llama_cpp\n"
+    )
+    assert _imported_modules(tree) == {"os", "typing", "llama_cpp"}
