@@ -153,8 +153,8 @@ class Benchmark(BaseModel):
         return sorted({i.category for i in self.items})
 
     def sample(self, max_items: int, seed: int) -> Benchmark:
-        """A deterministic subset (same seed, same items), stratified by nothing: plain
-        seeded sampling, kept in file order. ``max_items <= 0`` keeps everything."""
+        """A deterministic subset (same seed, same items) in file order, with a version of
+        its own. ``max_items <= 0`` keeps everything."""
         if max_items <= 0 or max_items >= len(self.items):
             return self
         chosen = set(random.Random(seed).sample(range(len(self.items)), max_items))

@@ -71,7 +71,10 @@ def decide(
         s.error_rate <= gate.max_error_rate,
         f"error rate {s.error_rate:.3f} <= {gate.max_error_rate:.3f}",
         f"error rate {s.error_rate:.3f} above {gate.max_error_rate:.3f} "
-        f"({s.errors} of {s.items} items failed)",
+        f"({s.errors} of {s.items} items failed"
+        + (
+            f", {s.transport_errors} could not reach the deployment)" if s.transport_errors else ")"
+        ),
     )
     if gate.max_mean_latency_ms is not None:
         check(

@@ -200,6 +200,21 @@ def test_gate_latency_slo_and_error_rate():
     assert p95.failures == ["p95 latency 100 ms exceeds SLO 50 ms"]
     errors = decide(summary_with({"tax": 1.0}, errors=2), None, GateSettings())
     assert errors.failures == ["error rate 0.200 above 0.050 (2 of 10 items failed)"]
+    items = [
+        ItemResult(
+            id=f"i{n}",
+            category="c",
+            scorer="exact",
+            score=0.0 if n < 3 else 1.0,
+            latency_ms=None if n < 3 else 1.0,
+            error_kind="unreachable" if n < 3 else None,
+        )
+        for n in range(10)
+    ]
+    gone = decide(summarise(BENCH, items, 1.0), None, GateSettings(min_overall=0.5))
+    assert gone.failures == [
+        "error rate 0.300 above 0.050 (3 of 10 items failed, 3 could not reach the deployment)"
+    ]
     off = decide(
         summary_with({"tax": 1.0}, latency_ms=9999), None, GateSettings(max_mean_latency_ms=None)
     )
