@@ -14,18 +14,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import aiohttp
 import orjson
+from opentelemetry import trace as otel_trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 from prometheus_client import Counter, Histogram
 
 from services.gateway.capture import CaptureRecord
 from services.gateway.control import GatewayState
 from services.gateway.keys import KeyInfo
 from services.gateway.routing.table import Choice, Upstream, choose, user_hash
+from shared.telemetry import tracer
 
 log = logging.getLogger(__name__)
 
@@ -87,17 +91,47 @@ def error_body(message: str, kind: str, code: str | None) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}})
 
 
-def _trace_id(headers: list[tuple[bytes, bytes]]) -> str:
+def _traceparent(headers: list[tuple[bytes, bytes]]) -> tuple[str, str | None]:
+    """(trace id, parent span id) from a W3C ``traceparent``, or a fresh trace id."""
     for name, value in headers:
         if name == b"traceparent":
             parts = value.split(b"-")
-            if len(parts) == 4 and len(parts[1]) == 32:
+            if len(parts) == 4 and len(parts[1]) == 32 and len(parts[2]) == 16:
                 try:
-                    int(parts[1], 16)
-                    return parts[1].decode()
+                    if int(parts[1], 16) and int(parts[2], 16):
+                        return parts[1].decode(), parts[2].decode()
                 except ValueError:
-                    break
-    return os.urandom(16).hex()
+                    pass
+            break
+    return os.urandom(16).hex(), None
+
+
+def _trace_id(headers: list[tuple[bytes, bytes]]) -> str:
+    return _traceparent(headers)[0]
+
+
+def _emit_span(
+    path: str, trace_id: str, parent_span_id: str | None, start_ns: int, seen: dict[str, Any]
+) -> None:
+    """A server span for a sampled request, recorded after the fact (off the latency path)."""
+    parent = SpanContext(
+        trace_id=int(trace_id, 16),
+        span_id=int(parent_span_id, 16) if parent_span_id else int.from_bytes(os.urandom(8)) | 1,
+        is_remote=True,
+        trace_flags=TraceFlags(TraceFlags.SAMPLED),
+    )
+    span = tracer("tuneloop.gateway").start_span(
+        f"POST {path}",
+        context=otel_trace.set_span_in_context(NonRecordingSpan(parent)),
+        kind=SpanKind.SERVER,
+        start_time=start_ns,
+        attributes={
+            "http.route": path,
+            "http.response.status_code": int(seen.get("status", 0)),
+            "tuneloop.deployment_id": str(seen.get("deployment", "none")),
+        },
+    )
+    span.end()
 
 
 def _depth_ok(value: Any, limit: int) -> bool:
@@ -338,6 +372,31 @@ class ProxyApp:
     # ------------------------------------------------------------------ completions
 
     async def _completion(self, endpoint: str, scope: Scope, receive: Receive, send: Send) -> None:
+        ratio = self.settings.trace_sample_ratio
+        if ratio <= 0 or random.random() >= ratio:
+            await self._completion_inner(endpoint, scope, receive, send)
+            return
+        start_ns = time.time_ns()
+        seen: dict[str, Any] = {}
+        inner_send = send
+
+        async def watched_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                seen["status"] = message["status"]
+                for name, value in message["headers"]:
+                    if name == H_DEPLOYMENT:
+                        seen["deployment"] = value.decode("latin-1")
+            await inner_send(message)
+
+        try:
+            await self._completion_inner(endpoint, scope, receive, watched_send)
+        finally:
+            trace_id, parent = _traceparent(scope["headers"])
+            _emit_span(scope["path"], trace_id, parent, start_ns, seen)
+
+    async def _completion_inner(
+        self, endpoint: str, scope: Scope, receive: Receive, send: Send
+    ) -> None:
         started = time.perf_counter()
         trace_id = _trace_id(scope["headers"])
         trace = trace_id.encode()

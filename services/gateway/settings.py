@@ -68,7 +68,8 @@ class GatewaySettings(BaseSettings):
     default_tpm: int | None = Field(default=None, ge=1, description="tokens/min per key")
     # Dev mode: create a client key at start (printed once) when none exists.
     dev_client_key: bool = True
-    trace_sample_ratio: float = Field(default=0.0, ge=0, le=1)
+    # Share of model requests recorded as OpenTelemetry spans (trace ids are always propagated).
+    trace_sample_ratio: float = Field(default=0.01, ge=0, le=1)
 
     @field_validator("canary_steps", mode="before")
     @classmethod

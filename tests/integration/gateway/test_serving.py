@@ -5,6 +5,7 @@ upstream calls where the issue requires it."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import httpx
@@ -30,10 +31,11 @@ async def _wait_routed(gw: GatewayService) -> None:
 
 
 async def test_openai_client_sync_stream_and_refusals(
-    gateways, upstreams, pipeline, tmp_path: Path
+    gateways, upstreams, pipeline, tmp_path: Path, span_file: Path
 ):
     up = await upstreams("base")
-    async with gateways(f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}") as gw:
+    db_url = f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}"
+    async with gateways(db_url, trace_sample_ratio=1.0) as gw:
         await pipeline.deployed("base-1", up, "baseline")
         await _wait_routed(gw)
         key = await new_key(gw, name="alice")
@@ -79,6 +81,15 @@ async def test_openai_client_sync_stream_and_refusals(
             assert resp.headers["x-tuneloop-deployment"] == "base-1"
             body = await resp.text()
         assert "data: [DONE]" in body
+        spans = [json.loads(line) for line in span_file.read_text().splitlines()]
+        mine = [sp for sp in spans if sp["trace_id"] == trace and sp["service"] == "tests"]
+        assert any(
+            sp["name"] == "POST /v1/chat/completions"
+            and sp["parent_span_id"] == "00f067aa0ba902b7"
+            and sp["attributes"]["tuneloop.deployment_id"] == "base-1"
+            and sp["attributes"]["http.response.status_code"] == 200
+            for sp in mine
+        ), mine
         assert up.calls == 4
 
         # ---- refusals: none of these reaches the upstream
