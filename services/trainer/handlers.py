@@ -68,16 +68,24 @@ class Plan:
 
 
 def plan_for(event: DatasetReady, settings: TrainerSettings) -> Plan:
+    return make_plan(event.dataset_id, settings)
+
+
+def make_plan(
+    dataset_id: str, settings: TrainerSettings, *, phases: list[str] | None = None
+) -> Plan:
+    """Resolve the config (refusing forbidden methods) and the adapter id it produces."""
+    overrides = {**settings.overrides, **({"phases": phases} if phases else {})}
     config = resolve_config(
         settings.profile,
         method=settings.method,
-        overrides=settings.overrides,
+        overrides=overrides,
         forbidden_methods=set(settings.forbidden_methods),
     )
     return Plan(
         config=config,
         base_model=settings.base_model,
-        adapter_id=adapter_id_for(event.dataset_id, settings.base_model, config),
+        adapter_id=adapter_id_for(dataset_id, settings.base_model, config),
     )
 
 
@@ -188,10 +196,7 @@ async def on_dataset_ready(
 
 
 async def _last_checkpoint(jobs: JobRepository, adapter_id: str) -> str | None:
-    get = getattr(jobs, "get", None)
-    if get is None:
-        return None
-    job = await get(adapter_id)
+    job = await jobs.get(adapter_id)
     if job is None or not job.checkpoint_ref:
         return None
     uri = json.loads(job.checkpoint_ref)["uri"]
@@ -233,11 +238,36 @@ async def prepare(
     base_path = await asyncio.to_thread(resolve_base_model, plan.base_model)
     if not await asyncio.to_thread(os.path.isdir, base_path):
         raise FileNotFoundError(f"base model {plan.base_model!r} is not available locally")
+    phase_specs = [await asyncio.to_thread(write_phase, data, phase) for phase in phases]
+    return worker_spec(
+        work,
+        plan,
+        phase_specs,
+        base_path,
+        settings,
+        metadata={"dataset_name": event.dataset_name, "run_id": event.run_id},
+        dataset_id=event.dataset_id,
+        train_records=len(records),
+    )
+
+
+def worker_spec(
+    work: Path,
+    plan: Plan,
+    phases: list[dict[str, Any]],
+    base_path: str,
+    settings: TrainerSettings,
+    *,
+    dataset_id: str,
+    train_records: int,
+    metadata: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What the training worker reads (the service and ``tuneloop train`` build the same)."""
     return {
         "work_dir": str(work),
         "base_model_path": base_path,
         "config": plan.config.model_dump(mode="json"),
-        "phases": [await asyncio.to_thread(_write_phase, data, phase) for phase in phases],
+        "phases": phases,
         "checkpoint_every_steps": settings.checkpoint_every_steps,
         "checkpoint_every_s": settings.checkpoint_every_s,
         "prompts": settings.prompts,
@@ -246,12 +276,11 @@ async def prepare(
         "step_delay_s": settings.step_delay_s,
         "metadata": {
             "adapter_id": plan.adapter_id,
-            "dataset_id": event.dataset_id,
-            "dataset_name": event.dataset_name,
+            "dataset_id": dataset_id,
             "base_model": plan.base_model,
             "config_hash": plan.config.config_hash(),
-            "run_id": event.run_id,
-            "train_records": len(records),
+            "train_records": train_records,
+            **(metadata or {}),
         },
     }
 
@@ -265,7 +294,7 @@ def _has_local_progress(work: Path) -> bool:
     )
 
 
-def _write_phase(data: Path, phase: Phase) -> dict[str, Any]:
+def write_phase(data: Path, phase: Phase) -> dict[str, Any]:
     path = data / f"phase-{phase.name}.jsonl"
     with path.open("w") as fh:
         for record in phase.records:
@@ -282,9 +311,9 @@ def snapshot(work: Path, checkpoint: Path) -> Path:
     """A directory of hard links to what resuming needs: the state, the finished phases'
     adapters, the step log and this checkpoint (stable even if the trainer deletes it)."""
     snap = Path(tempfile.mkdtemp(prefix="snap-", dir=work))
-    for name in ("state.json", "steps.jsonl"):
+    for name in ("state.json", "steps.jsonl"):  # rewritten in place: copy, not link
         if (work / name).exists():
-            _link(work / name, snap / name)
+            shutil.copy2(work / name, snap / name)
     for phase in (work / "phases").iterdir():
         if (phase / "adapter").is_dir():
             _link_tree(phase / "adapter", snap / "phases" / phase.name / "adapter")

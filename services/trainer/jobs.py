@@ -32,6 +32,8 @@ class Transactional(Protocol):
 class JobRepository(Protocol):
     """The port the handler uses (a fake of it serves the unit tests)."""
 
+    async def get(self, adapter_id: str) -> TrainingJob | None: ...
+
     async def claim(
         self, job: TrainingJob, *, lease_s: float
     ) -> tuple[ClaimStatus, TrainingJob]: ...

@@ -217,6 +217,7 @@ class Worker:
         dataset = Dataset.from_list(records)
         base = self.load_base(device, bf16)
         model = self.peft_model(base, previous)
+        self._trim_steps_log(name, int(resume.name.split("-")[-1]) if resume else 0)
         steps_log = (self.work / "steps.jsonl").open("a")
         worker = self
         started = time.monotonic()
@@ -408,9 +409,7 @@ class Worker:
         total_runtime = sum(
             p["tokens"] / p["tokens_per_second"] for p in phases if p.get("tokens_per_second")
         )
-        loss_curve = [
-            json.loads(line) for line in (self.work / "steps.jsonl").read_text().splitlines()
-        ]
+        loss_curve = read_steps(self.work / "steps.jsonl")
         metadata = {
             **self.spec.get("metadata", {}),
             "method": self.config.method,
@@ -430,10 +429,36 @@ class Worker:
         (final / "loss_curve.json").write_text(json.dumps(loss_curve))
         return metadata
 
+    def _trim_steps_log(self, phase: str, keep_through: int) -> None:
+        """Forget logged steps of ``phase`` after the checkpoint we resume from: they are
+        about to be trained again, and the loss curve must not show them twice."""
+        path = self.work / "steps.jsonl"
+        if not path.exists():
+            return
+        rows = read_steps(path)
+        kept = [r for r in rows if r.get("phase") != phase or r.get("step", 0) <= keep_through]
+        if len(kept) != len(rows):
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, path)
+
     def _save_state(self) -> None:
         tmp = self.state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.state, indent=1))
         os.replace(tmp, self.state_path)
+
+
+def read_steps(path: Path) -> list[dict[str, Any]]:
+    """The step log; a line cut short by a kill is skipped."""
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 def write_result(work: Path, result: dict[str, Any]) -> None:

@@ -1,0 +1,169 @@
+"""``tuneloop train``: the trainer's work without the bus, on a local dataset directory.
+
+The directory is what ingest writes: ``train.jsonl`` (chat records) and optionally
+``curriculum-A.json`` / ``-B`` / ``-C``. The same planning, checks and worker as the service;
+re-running the same command resumes from its checkpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+PHASES = ("A", "B", "C")
+
+
+def _dataset_id(train: Path) -> str:
+    digest = hashlib.sha256()
+    with train.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return f"ds-{digest.hexdigest()[:20]}"
+
+
+def _parse_overrides(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise typer.BadParameter(f"--set {item!r}: use KEY=VALUE (VALUE as JSON or text)")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def train(
+        dataset_dir: Annotated[
+            Path, typer.Argument(help="Directory with train.jsonl [and curriculum-A/B/C.json].")
+        ],
+        profile: Annotated[
+            str | None, typer.Option(help="h100, cpu-tiny or cpu-smol (default: TRAINER_PROFILE).")
+        ] = None,
+        method: Annotated[
+            str | None, typer.Option(help="dora, qdora, lora or qlora (default: the profile's).")
+        ] = None,
+        phase: Annotated[
+            list[str] | None, typer.Option("--phase", help="Train only this phase (repeatable).")
+        ] = None,
+        base_model: Annotated[
+            str | None, typer.Option(help="tiny, smollm2-135m-instruct or a checkpoint path.")
+        ] = None,
+        overrides: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--set", help="Override a config field, e.g. --set max_steps_per_phase=20"
+            ),
+        ] = None,
+        out: Annotated[
+            Path | None, typer.Option(help="Where the adapter goes (default ./adapters/<id>).")
+        ] = None,
+        work_dir: Annotated[
+            Path | None, typer.Option(help="Checkpoints and logs (default under TUNELOOP_HOME).")
+        ] = None,
+        dry_run: Annotated[
+            bool,
+            typer.Option("--dry-run", help="Resolve the config, check data and model, print."),
+        ] = False,
+    ) -> None:
+        """Train an adapter on a local dataset directory (no broker, no database)."""
+        from rich.console import Console
+
+        from services.trainer.handlers import make_plan, worker_spec, write_phase
+        from services.trainer.settings import TrainerSettings
+        from services.trainer.training.config import ConfigError
+        from services.trainer.training.data import DataError, plan_phases, read_records
+        from services.trainer.training.runner import run_worker
+        from shared.basemodels import resolve_base_model
+        from shared.settings import CommonSettings
+
+        console = Console(stderr=True)
+        train_path = dataset_dir / "train.jsonl"
+        if not train_path.is_file():
+            raise typer.BadParameter(f"{train_path} does not exist")
+        for p in phase or []:
+            if p not in PHASES:
+                raise typer.BadParameter(f"--phase {p!r}: one of {PHASES}")
+        base = TrainerSettings()
+        updates: dict[str, Any] = {}
+        if profile:
+            updates["profile"] = profile
+        if method:
+            updates["method"] = method
+        if base_model:
+            updates["base_model"] = base_model
+        if overrides:
+            updates["overrides"] = {**base.overrides, **_parse_overrides(overrides)}
+        try:
+            settings = TrainerSettings(**{**base.model_dump(), **updates})
+            dataset_id = _dataset_id(train_path)
+            plan = make_plan(dataset_id, settings, phases=phase or None)
+            records = read_records(train_path, source=str(train_path))
+            manifests = {
+                p: (dataset_dir / f"curriculum-{p}.json").read_bytes()
+                for p in PHASES
+                if (dataset_dir / f"curriculum-{p}.json").is_file()
+            }
+            phases = plan_phases(records, manifests, plan.config.phases)
+        except (ConfigError, DataError, ValueError) as exc:
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(2) from exc
+        try:
+            base_path = resolve_base_model(plan.base_model)
+        except Exception as exc:
+            console.print(f"[red]base model {plan.base_model!r}: {exc}[/red]")
+            raise typer.Exit(2) from exc
+        summary = {
+            "adapter_id": plan.adapter_id,
+            "dataset_id": dataset_id,
+            "base_model": plan.base_model,
+            "base_model_path": base_path,
+            "config_hash": plan.config.config_hash(),
+            "config": plan.config.canonical(),
+            "phases": [{"phase": p.name, "records": len(p.records)} for p in phases],
+        }
+        if dry_run:
+            typer.echo(json.dumps(summary, indent=1))
+            return
+        home = CommonSettings().home
+        work = (work_dir or home / "trainer" / "cli") / plan.adapter_id
+        data = work / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        spec = worker_spec(
+            work,
+            plan,
+            [write_phase(data, p) for p in phases],
+            base_path,
+            settings,
+            dataset_id=dataset_id,
+            train_records=len(records),
+            metadata={"dataset_dir": str(dataset_dir.resolve())},
+        )
+
+        async def show(update: dict[str, Any]) -> None:
+            kind = update.get("type")
+            if kind == "step":
+                console.print(
+                    f"  {update['phase']} step {update['step']}: loss {update['loss']:.4f}"
+                )
+            elif kind in ("phase_start", "checkpoint", "resume", "phase_done"):
+                console.print(f"[bold]{kind}[/bold] {json.dumps(update)}")
+
+        outcome = asyncio.run(run_worker(spec, on_progress=show))
+        if outcome.status != "done":
+            console.print(f"[red]training {outcome.status}: {outcome.reason}[/red]")
+            raise typer.Exit(1)
+        target = out or Path("adapters") / plan.adapter_id
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(work / "adapter", target)
+        console.print(f"[green]adapter {plan.adapter_id} written to {target}[/green]")
+        typer.echo(json.dumps({**summary, "adapter_dir": str(target), **outcome.metadata}))
