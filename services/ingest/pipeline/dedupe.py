@@ -200,11 +200,40 @@ class NearDuplicateIndex:
         return None
 
     def add(self, keys: list[int], sig: np.ndarray, label: str) -> None:
-        idx = self.size
-        if idx == len(self._sigs):
+        self.add_many(np.asarray([keys], dtype=np.uint64), sig[None, :], [label], fresh=False)
+
+    def needs_check(self, keys: np.ndarray) -> np.ndarray:
+        """Per row of a chunk's band keys: could it have a near-duplicate (a band shared with
+        the index or with another row of the chunk)? Rows that cannot are added in bulk."""
+        n, bands = keys.shape
+        if n == 0:
+            return np.zeros(0, dtype=bool)
+        flat = keys.ravel()
+        hits = self._first.keys() & set(flat.tolist())
+        if hits:
+            in_index = np.isin(flat, np.fromiter(hits, dtype=np.uint64, count=len(hits)))
+        else:
+            in_index = np.zeros(flat.size, dtype=bool)
+        _, inverse, counts = np.unique(flat, return_inverse=True, return_counts=True)
+        repeated = counts[inverse] > 1
+        result = np.asarray((in_index | repeated).reshape(n, bands).any(axis=1))
+        return result
+
+    def add_many(
+        self, keys: np.ndarray, sigs: np.ndarray, labels: list[str], *, fresh: bool = True
+    ) -> None:
+        """Index rows; ``fresh`` = no key of theirs is indexed yet or repeated among them
+        (what :meth:`needs_check` found), so a plain dict update is safe."""
+        n = len(labels)
+        start = self.size
+        while start + n > len(self._sigs):
             self._sigs = np.concatenate([self._sigs, np.zeros_like(self._sigs)])
-        self._sigs[idx] = sig
-        self._labels.append(label)
-        self.size += 1
-        for key in keys:
-            self._first.setdefault(key, idx)
+        self._sigs[start : start + n] = sigs
+        self._labels.extend(labels)
+        self.size += n
+        rows = np.repeat(np.arange(start, start + n), keys.shape[1]).tolist()
+        if fresh:
+            self._first.update(zip(keys.ravel().tolist(), rows, strict=True))
+            return
+        for key, row in zip(keys.ravel().tolist(), rows, strict=True):
+            self._first.setdefault(key, row)  # the first record keeps a shared band

@@ -231,10 +231,14 @@ class Pipeline:
             self._reject(src.display_name, position, code, reason)
         self.pii.update(result.pii)
         split_code = {"train": 1, "validation": 2}.get(src.trusted_split or "", 0)
-        near = self.rules.near_dedupe and result.band_keys is not None
-        band_rows = result.band_keys.tolist() if near and result.band_keys is not None else []
+        keys, sigs = result.band_keys, result.signatures
+        near = self.rules.near_dedupe and keys is not None and sigs is not None
+        check = self.near.needs_check(keys) if near and keys is not None else None
+        bulk: list[int] = []  # rows no earlier record can be similar to: added together
+        bulk_labels: list[str] = []
         kept = 0
         lines: list[bytes] = []
+        meta = self.meta
         for i, rec in enumerate(result.kept):
             where = f"{src.display_name}:{rec.position}"
             first = self.exact.get(rec.key)
@@ -243,21 +247,24 @@ class Pipeline:
                     src.display_name, rec.position, "exact_duplicate", f"duplicate of {first}"
                 )
                 continue
-            if near:
-                assert result.signatures is not None
-                similar = self.near.find(band_rows[i], result.signatures[i])
-                if similar is not None:
-                    self._reject(
-                        src.display_name,
-                        rec.position,
-                        "near_duplicate",
-                        f"near-duplicate of {similar}",
-                    )
-                    continue
-                self.near.add(band_rows[i], result.signatures[i], where)
+            if check is not None and keys is not None and sigs is not None:
+                if check[i]:
+                    row = keys[i].tolist()
+                    similar = self.near.find(row, sigs[i])
+                    if similar is not None:
+                        self._reject(
+                            src.display_name,
+                            rec.position,
+                            "near_duplicate",
+                            f"near-duplicate of {similar}",
+                        )
+                        continue
+                    self.near.add(row, sigs[i], where)
+                else:
+                    bulk.append(i)
+                    bulk_labels.append(where)
             self.exact[rec.key] = where
             lines.append(rec.line)
-            meta = self.meta
             meta.ids.append(rec.record_id)
             meta.categories.append(rec.category)
             meta.sources.append(rec.source)
@@ -265,6 +272,8 @@ class Pipeline:
             meta.output_chars.append(rec.output_chars)
             meta.fixed_split.append(split_code)
             kept += 1
+        if bulk and keys is not None and sigs is not None:
+            self.near.add_many(keys[bulk], sigs[bulk], bulk_labels)
         self._spool.writelines(lines)
         stats["read"] += len(result.kept) + len(result.rejected)
         stats["kept"] += kept

@@ -263,3 +263,21 @@ def test_processing_config_is_validated(bad):
 def test_sentence_helper_makes_unique_text():
     rng = random.Random(1)
     assert sentence(rng, 50) != sentence(rng, 50)
+
+
+def test_near_duplicate_index_bulk_and_single_adds_agree():
+    from services.ingest.pipeline import dedupe
+
+    rng = random.Random(3)
+    texts = [sentence(rng, 400).encode() for _ in range(6)]
+    near = texts[0].replace(texts[0].split()[5], b"zzz", 1)
+    sigs = dedupe.signatures([*texts, near], num_perm=128)
+    index = dedupe.NearDuplicateIndex(threshold=0.8, num_perm=128)
+    keys = index.keys(sigs)
+    small = sigs.astype("uint16")
+    check = index.needs_check(keys[:6])
+    assert not check.any()  # nothing indexed, no two alike: all can go in bulk
+    index.add_many(keys[:6], small[:6], [f"t{i}" for i in range(6)])
+    assert index.needs_check(keys[6:]).all()
+    assert index.find(keys[6].tolist(), small[6]) == "t0"
+    assert index.find(keys[1].tolist(), small[1]) == "t1"  # itself
