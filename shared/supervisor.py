@@ -67,11 +67,13 @@ class Embedded:
     pg: EmbeddedPostgres | None = None
     children: list[Supervised] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    # Defaults for the services' environment (the caller's own environment wins).
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> dict[str, Any]:
         self.home.mkdir(parents=True, exist_ok=True)
         logs = self.home / "logs"
-        env = dict(os.environ)
+        env = {**self.extra_env, **os.environ}
         env["TUNELOOP_HOME"] = str(self.home)
         env.setdefault("TUNELOOP_SPAN_FILE", str(self.home / "spans.jsonl"))
         env.setdefault("TUNELOOP_LOG_FORMAT", "json")
