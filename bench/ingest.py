@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gzip
+import multiprocessing
 import os
 import random
 import resource
@@ -283,6 +284,24 @@ def stage_costs(sources: list[SourceFile], config: ProcessingConfig) -> list[tup
     return [(name, n / secs if secs else float("inf")) for name, secs in cost.items()]
 
 
+def _child_run(paths: list[str], conn) -> None:
+    srcs = [SourceFile(Path(p), Path(p).name) for p in paths]
+    with tempfile.TemporaryDirectory() as tmp:
+        Pipeline(ProcessingConfig(), dataset_name="mem").run(srcs, workdir=Path(tmp))
+    conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def peak_rss_of_run(sources: list[SourceFile]) -> float:
+    """Peak RSS (MB) of a fresh process that runs the pipeline in-process on ``sources``."""
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_child_run, args=([str(s.path) for s in sources], child))
+    proc.start()
+    peak = parent.recv()
+    proc.join()
+    return float(peak)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
@@ -322,8 +341,18 @@ def main() -> None:
             )
         if executor:
             executor.shutdown()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(f"peak RSS of the main process: {peak:.0f} MB (the corpus is {size / 1e6:.0f} MB)")
+        small_dir = Path(tmp) / "small"
+        small_dir.mkdir()
+        small, small_total = make_corpus(small_dir, 0.05 * args.scale, seed=8)
+        rss_small = peak_rss_of_run(small)
+        rss_full = peak_rss_of_run(sources)
+        per_record = (rss_full - rss_small) * 1024 * 1024 / max(1, total - small_total)
+        print(
+            f"\nmemory (one process, fresh interpreter): peak RSS {rss_small:.0f} MB for "
+            f"{small_total:,} records, {rss_full:.0f} MB for {total:,} records "
+            f"({size / 1e6:.0f} MB of input): ~{per_record:.0f} bytes per record; "
+            "record content is spooled to disk"
+        )
         print("\nsingle-core cost per stage (records/s):")
         for name, rate in stage_costs(sources, ProcessingConfig()):
             print(f"  {name:<32}{rate:>12,.0f}")
