@@ -180,7 +180,9 @@ async def ingest(
     advances its cursor there). Raises :class:`VersionConflict` if another writer extended
     the line meanwhile.
     """
-    # An upload starts a run, so its span is a trace root; the run's later spans follow it.
+    # A new dataset version starts a run, and the run's trace is this one: a root span for
+    # the CLI and the harvester; over HTTP, a child of the request's span (itself the root
+    # unless the caller sent a traceparent).
     ctx = Context() if root_span else None
     with tracer().start_as_current_span("ingest.dataset", context=ctx) as span:
         span.set_attribute("dataset.name", request.dataset_name)
@@ -254,7 +256,6 @@ async def _publish(
 
     refs, report_ref = await _store_outputs(ports.store, output)
     run_id = new_run_id()
-    train_ids = output.counts_by_category
     event = DatasetReady(
         run_id=run_id,
         producer=PRODUCER,
@@ -268,7 +269,7 @@ async def _publish(
         report=report_ref,
         curriculum={k.split("-", 1)[1]: v for k, v in refs.items() if k.startswith("curriculum-")},
         counts=SplitCounts(train=output.train_count, validation=output.validation_count),
-        counts_by_category=train_ids,
+        counts_by_category=output.counts_by_category,
         counts_by_source=output.counts_by_source,
     )
     row = DatasetVersion(
