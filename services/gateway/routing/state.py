@@ -298,6 +298,8 @@ async def set_weight(
     row = await get(session, deployment_id)
     if row.state == "stable" or weight >= 1.0:
         return await promote(session, deployment_id, expected_step=None, reason=reason, metrics={})
+    if weight <= 0.0:  # 0% is a rollback (inference may then retire the deployment)
+        return await rollback(session, deployment_id, expected_step=None, reason=reason, metrics={})
     if row.state not in ("canary", "pending", "rolled_back", "previous"):
         raise Conflict(f"{deployment_id} is {row.state}: it cannot take traffic")
     now = utcnow()
@@ -313,8 +315,7 @@ async def set_weight(
                     reason=f"superseded by {deployment_id}",
                 )
     _set(row, now, state="canary", weight=weight, auto=False, step_started_at=now, reason=reason)
-    action: RolloutAction = "advanced" if weight > 0 else "rolled_back"
-    return [_event(row, action, weight=weight, reason=reason)]
+    return [_event(row, "advanced", weight=weight, reason=reason)]
 
 
 async def pin(

@@ -147,3 +147,18 @@ async def test_handlers_are_idempotent_and_transitions_conditional(db: Database)
     assert states["cand"] == "stable" and states["base"] == "previous"
     assert states["base-2"] == "previous" and states["bad"] == "refused"
     assert count == len(await outbox_actions(db))
+
+    # Manual weights: a pending deployment becomes a canary with auto-advance off; 0% = rollback.
+    await on_model_deployed(deployed("manual"), state=state, probe=no_probe)
+    async with db.session() as session:
+        events = await route_state.set_weight(session, "manual", weight=0.3, reason="admin")
+        assert [e.action for e in events] == ["advanced"]
+        row = await route_state.get(session, "manual")
+        assert (row.state, row.weight, row.auto) == ("canary", 0.3, False)
+    async with db.session() as session:
+        events = await route_state.set_weight(session, "manual", weight=0.0, reason="admin")
+        assert [e.action for e in events] == ["rolled_back"]
+        assert (await route_state.get(session, "manual")).state == "rolled_back"
+    with pytest.raises(route_state.Conflict):
+        async with db.session() as session:
+            await route_state.set_weight(session, "cand", weight=0.5, reason="already stable")
