@@ -14,6 +14,11 @@ tasks in the benchmark are unseen. A tiny random-init model cannot learn to copy
 validity and the ``intent`` and ``when`` fields (``score_task=True`` adds ``task``, for
 pretrained bases). Same seed, same bytes.
 
+Its answers are short (about 70 characters), below ingest's default minimum answer length
+(100, FinRisk's): submit the corpus with :data:`INGEST_OVERRIDES` or every record is rejected
+as ``output_too_short`` (with them, ingest keeps 987 of 1,000 at seed 0: 3 exact and 10 near
+duplicates dropped).
+
     python -m shared.demotask DEST [--seed 0] [--train 1000] [--test 40]
 """
 
@@ -24,6 +29,9 @@ import json
 import random
 from pathlib import Path
 from typing import Any
+
+# ProcessingConfig overrides for ingesting the train corpus (see the module docstring).
+INGEST_OVERRIDES: dict[str, Any] = {"min_input_chars": 0, "min_output_chars": 0}
 
 SYSTEM_PROMPT = (
     "Turn the request into JSON with the keys intent (reminder, meeting or todo), task and when."
