@@ -13,7 +13,6 @@ import gzip
 import multiprocessing
 import os
 import random
-import resource
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -288,7 +287,10 @@ def _child_run(paths: list[str], conn) -> None:
     srcs = [SourceFile(Path(p), Path(p).name) for p in paths]
     with tempfile.TemporaryDirectory() as tmp:
         Pipeline(ProcessingConfig(), dataset_name="mem").run(srcs, workdir=Path(tmp))
-    conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec (it would be the parent's).
+    status = Path("/proc/self/status").read_text()
+    hwm_kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))
+    conn.send(hwm_kb / 1024)
 
 
 def peak_rss_of_run(sources: list[SourceFile]) -> float:
