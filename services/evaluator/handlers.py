@@ -87,9 +87,16 @@ async def on_model_deployed(event: ModelDeployed, *, ports: EvaluatorPorts) -> E
         return None
 
     async with ports.transaction() as session:
-        if await _run_for(session, event.deployment_id, bench.version) is not None:
-            log.info("deployment %s already evaluated on %s", event.deployment_id, bench.version)
-            return None
+        previous = await _run_for(session, event.deployment_id, bench.version)
+        if previous is not None:
+            if previous.status != "failed" or previous.cause_event_id == str(event.event_id):
+                log.info(
+                    "deployment %s already evaluated on %s", event.deployment_id, bench.version
+                )
+                return None
+            # A new announcement of a deployment that could not be reached: try again.
+            log.info("re-evaluating %s (last run failed: %s)", event.deployment_id, previous.reason)
+            await session.delete(previous)
 
     started_at = utcnow()
     result = await _run(event.endpoint, event.served_model_name, bench, ports)
@@ -115,6 +122,7 @@ async def on_model_deployed(event: ModelDeployed, *, ports: EvaluatorPorts) -> E
             report=report,
             reason=unreachable,
             event=failed,
+            cause=event,
         )
         return failed if recorded else None
 
@@ -161,6 +169,7 @@ async def on_model_deployed(event: ModelDeployed, *, ports: EvaluatorPorts) -> E
         report=report,
         reason=None,
         event=completed,
+        cause=event,
     )
     return completed if recorded else None
 
@@ -307,6 +316,7 @@ async def _record_run(
     report: ArtifactRef | None,
     reason: str | None,
     event: Event | None,
+    cause: Event | None = None,
 ) -> bool:
     """Insert the run (and record its event) in one transaction; False if another delivery
     recorded the same run first (then nothing is emitted twice)."""
@@ -327,6 +337,7 @@ async def _record_run(
                     report_sha256=report.sha256 if report else None,
                     report_size=report.size_bytes if report else None,
                     event_id=str(event.event_id) if event else None,
+                    cause_event_id=str(cause.event_id) if cause else None,
                     created_at=utcnow(),
                 )
             )

@@ -56,4 +56,6 @@ class EvaluatorRun(SQLModel, table=True):
     report_sha256: str | None = Field(default=None, sa_column=Column(String(64)))
     report_size: int | None = Field(default=None, sa_column=Column(Integer))
     event_id: str | None = Field(default=None, sa_column=Column(String(36)))
+    # The ModelDeployed that caused a candidate run: a *new* one may retry a failed run.
+    cause_event_id: str | None = Field(default=None, sa_column=Column(String(36)))
     created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))

@@ -8,6 +8,7 @@ import json
 import pytest
 from sqlmodel import select
 
+from services.evaluator.handlers import on_model_deployed
 from shared.embedded import free_port
 from shared.events import (
     EvaluationCompleted,
@@ -93,9 +94,14 @@ async def test_candidates_are_judged_against_the_stable_deployment(db, evaluator
 
 async def test_unreachable_vanishing_and_hostile_deployments(db, evaluator, upstream):
     async with evaluator() as ev:
-        await ev.publish(deployed("gone", f"http://127.0.0.1:{free_port()}/v1"))
+        first = await ev.publish(deployed("gone", f"http://127.0.0.1:{free_port()}/v1"))
         gone = await ev.wait_for(EvaluationFailed, lambda e: e.deployment_id == "gone")
         assert gone.retryable and "never answered" in gone.reason
+        # the same announcement again changes nothing; a new one (the engine is back) retries
+        assert await on_model_deployed(first, ports=ev.ports) is None
+        await ev.publish(deployed("gone", upstream.endpoint("good")))
+        back = await ev.wait_for(EvaluationCompleted, lambda e: e.deployment_id == "gone")
+        assert back.passed and upstream.requests["good"] == 40
 
         await ev.publish(deployed("dies", upstream.endpoint("dies")))
         dies = await ev.wait_for(EvaluationFailed, lambda e: e.deployment_id == "dies")
