@@ -291,3 +291,24 @@ def custom_durables(service: str) -> set[str]:
         ):
             found.add(node.value.value)
     return found
+
+
+def bind_address_envs(service: str) -> set[str]:
+    """The variables that set the address the service's HTTP side binds (``*HTTP_HOST``)."""
+    names: set[str] = set()
+    for cls in service_settings(service):
+        for field_names, _ in settings_fields(cls).values():
+            names |= {n for n in field_names if n.endswith("HTTP_HOST")}
+    return names
+
+
+def probe_target(probe: dict[str, Any], ports: dict[str, int]) -> tuple[str, int, str]:
+    """(path, port, how) of an HTTP probe, whether the kubelet calls it (httpGet) or a command
+    inside the container does (exec, against 127.0.0.1)."""
+    if "httpGet" in probe:
+        port = probe["httpGet"]["port"]
+        return probe["httpGet"]["path"], ports.get(port, port), "httpGet"
+    command = " ".join(probe["exec"]["command"])
+    match = re.search(r"http://127\.0\.0\.1:(\d+)(/[a-z]+)", command)
+    assert match, command
+    return match.group(2), int(match.group(1)), "exec"

@@ -13,6 +13,7 @@ from tests.unit.deploy.manifests import (
     COMMON_REQUIRED_ENV,
     OVERLAYS,
     SERVICES,
+    bind_address_envs,
     common_settings_env,
     compose_env,
     container_env,
@@ -90,10 +91,7 @@ def test_unknown_variables_would_be_caught() -> None:
 
 @pytest.mark.parametrize("service", SERVICES)
 def test_services_listen_on_all_interfaces_in_containers(service: str) -> None:
-    names: set[str] = set()
-    for cls in service_settings(service):
-        for field_names, _ in settings_fields(cls).values():
-            names |= {n for n in field_names if n.endswith("HTTP_HOST")}
+    names = bind_address_envs(service)
     if not names:
         pytest.xfail(f"{service} has no bind-address setting yet: it listens on 127.0.0.1")
     envs: list[dict[str, str | None]] = [dict(compose_env(service))]

@@ -30,12 +30,14 @@ from tests.unit.deploy.manifests import (
     OVERLAYS,
     SCHEMAS,
     SERVICES,
+    bind_address_envs,
     by_kind,
     containers,
     custom_durables,
     kustomize,
     labels_match,
     pod_spec,
+    probe_target,
     rendered,
     workloads,
 )
@@ -189,10 +191,15 @@ def test_probes_point_at_declared_ports(overlay: str) -> None:
             ports = {p.get("name") for p in c.get("ports", [])} | {
                 p["containerPort"] for p in c.get("ports", [])
             }
+            numbers = {p["name"]: p["containerPort"] for p in c.get("ports", []) if "name" in p}
             for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-                http = c.get(probe, {}).get("httpGet")
+                spec = c.get(probe, {})
+                http = spec.get("httpGet")
                 if http:
                     assert http["port"] in ports, (workload["metadata"]["name"], probe)
+                elif "exec" in spec and "http://127.0.0.1" in " ".join(spec["exec"]["command"]):
+                    _, port, _ = probe_target(spec, numbers)
+                    assert port in numbers.values(), (workload["metadata"]["name"], probe)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -201,12 +208,22 @@ def test_service_deployments_probe_health_and_readiness(overlay: str) -> None:
     for name in SERVICES:
         (app,) = pod_spec(deployments[name])["containers"]
         assert app["image"].startswith(f"tuneloop/{name}:")
-        assert app["readinessProbe"]["httpGet"]["path"] == "/readyz", name
-        assert app["livenessProbe"]["httpGet"]["path"] == "/healthz", name
-        assert app["startupProbe"]["httpGet"]["path"] == "/healthz", name
         env = {e["name"]: e.get("value") for e in app.get("env", [])}
         (http,) = [p for p in app["ports"] if p["name"] == "http"]
-        assert env[f"{name.upper()}_HTTP_PORT"] == str(http["containerPort"])
+        port = int(env[f"{name.upper()}_HTTP_PORT"] or 0)
+        assert port == http["containerPort"]
+        ports = {"http": port}
+        targets = {
+            kind: probe_target(app[kind], ports)
+            for kind in ("startupProbe", "livenessProbe", "readinessProbe")
+        }
+        assert targets["readinessProbe"][:2] == ("/readyz", port), name
+        assert targets["livenessProbe"][:2] == ("/healthz", port), name
+        assert targets["startupProbe"][:2] == ("/healthz", port), name
+        # A service bound to 127.0.0.1 (no bind-address setting) can only be probed from
+        # inside its container; the kubelet's httpGet would never reach it.
+        if not bind_address_envs(name):
+            assert {how for _, _, how in targets.values()} == {"exec"}, name
     statefulsets = by_kind(rendered(overlay), "StatefulSet")
     for name in ("nats", "postgres"):
         (c,) = pod_spec(statefulsets[name])["containers"]
