@@ -392,7 +392,9 @@ def test_trainer_and_quantizer_scale_from_zero_on_their_consumers_lag() -> None:
     deployments = by_kind(objs, "Deployment")
     scaled = by_kind(objs, "ScaledObject")
     assert set(scaled) == set(GPU_SERVICES)
-    ns = Namespace()
+    config_maps = by_kind(objs, "ConfigMap")
+    config = next(c for n, c in config_maps.items() if n.startswith("tuneloop-config"))
+    ns = Namespace(config["data"].get("TUNELOOP_SUBJECT_PREFIX", Namespace().prefix))
     headless = by_kind(objs, "Service")["nats-headless"]
     monitor_port = {p["name"]: p["port"] for p in headless["spec"]["ports"]}["monitor"]
     for name in GPU_SERVICES:
