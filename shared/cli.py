@@ -184,8 +184,13 @@ async def _run_demo(
     gateway_url = f"http://127.0.0.1:{services['gateway']['http_port']}"
     admin_key = os.environ.get("TUNELOOP_ADMIN_KEY", DEV_ADMIN_KEY)
     data_dir = Path(state["home"]) / "demo"
-    corpus, bench = demotask.write(data_dir, n_train=train_records)
-    prompts = [item["prompt"] for item in json.loads(bench.read_text())["items"]]
+    corpus, _bench = demotask.write(data_dir, n_train=train_records)
+    # Production-like traffic from the train distribution (another seed): never the held-out
+    # benchmark's prompts, which the harvester would otherwise feed into the next round.
+    prompts = [
+        next(m["content"] for m in r["messages"] if m["role"] == "user")
+        for r in demotask.train_records(seed=99, n=200)
+    ]
     started = time.monotonic()
 
     def stamp() -> str:
@@ -430,7 +435,7 @@ async def _read_pipeline(nats_url: str, prefix: str) -> list[tuple[str, bytes]]:
         while len(out) < info.state.messages:
             try:
                 batch = await sub.fetch(256, timeout=2)
-            except nats.errors.TimeoutError:
+            except (nats.errors.TimeoutError, TimeoutError):
                 break
             for msg in batch:
                 out.append((msg.subject, msg.data))

@@ -241,7 +241,7 @@ async def watch_run(
         while time.monotonic() < deadline:
             try:
                 batch = await sub.fetch(50, timeout=1)
-            except nats.errors.TimeoutError:
+            except (nats.errors.TimeoutError, TimeoutError):
                 continue
             for msg in batch:
                 await msg.ack()
