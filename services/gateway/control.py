@@ -13,22 +13,23 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from prometheus_client import Counter, Gauge
-from sqlalchemy import func
+from sqlalchemy import delete, func, update
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.gateway.capture import CaptureRecord, CaptureSink, apply_feedback
 from services.gateway.keys import KeyInfo, KeyRing, RateLimiter
-from services.gateway.models import GatewayDeployment, GatewayFeedback
+from services.gateway.models import GatewayDeployment, GatewayFeedback, GatewayReplicaStats
 from services.gateway.routing import state as route_state
 from services.gateway.routing.policy import Slo, decide
-from services.gateway.routing.stats import LiveStats
+from services.gateway.routing.stats import LiveStats, WindowStats, merge
 from services.gateway.routing.table import Route, Upstream
 from services.gateway.settings import GatewaySettings
 from shared.db import Database, utcnow
@@ -89,6 +90,9 @@ class GatewayState:
         self.canary_ids: frozenset[str] = frozenset()
         # Feedback that arrived before its interaction was written: id -> give-up time.
         self.pending_feedback: dict[int, float] = {}
+        self.replica_id = uuid.uuid4().hex[:12]
+        # Other replicas' windows, keyed by (deployment, step); refreshed by the controller.
+        self._peers: dict[tuple[str, int], list[WindowStats]] = {}
 
     # ------------------------------------------------------------------ hot-path hooks
 
@@ -140,7 +144,7 @@ class GatewayState:
         self.capture.start()
         self._tasks = [
             asyncio.create_task(self._loop(self.apply_pending_feedback, 0.5, False)),
-            asyncio.create_task(self._loop(self.sync_once, self.settings.sync_interval_s, False)),
+            asyncio.create_task(self._loop(self._sync_tick, self.settings.sync_interval_s, False)),
             asyncio.create_task(
                 self._loop(self.control_once, self.settings.control_interval_s, True)
             ),
@@ -240,6 +244,85 @@ class GatewayState:
         self.routes = routes  # one assignment: requests see the old or the new table
         self.canary_ids = frozenset(canaries)
 
+    async def _sync_tick(self) -> None:
+        await self.sync_once()
+        await self.publish_stats()
+
+    def _windows(self) -> list[tuple[str, int]]:
+        """The (deployment, step) windows that matter now: each stable's and each canary's."""
+        keys = []
+        for route in self.routes.values():
+            if route.stable is not None:
+                keys.append((route.stable.deployment_id, -1))
+            if route.canary is not None:
+                keys.append((route.canary.deployment_id, route.canary_step))
+        return keys
+
+    async def publish_stats(self) -> None:
+        """Write this replica's windows for the others (and drop long-dead replicas' rows)."""
+        now = utcnow()
+        async with self.db.session() as session:
+            for dep, step in self._windows():
+                w = self.stats.get(dep, step)
+                values: dict[str, Any] = {
+                    "requests": w.requests,
+                    "errors": w.errors,
+                    "p50_ms": w.p50_ms,
+                    "p95_ms": w.p95_ms,
+                    "latency_samples": w.latency_samples,
+                    "updated_at": now,
+                }
+                result = await session.execute(
+                    update(GatewayReplicaStats)
+                    .where(
+                        col(GatewayReplicaStats.replica_id) == self.replica_id,
+                        col(GatewayReplicaStats.deployment_id) == dep,
+                        col(GatewayReplicaStats.step) == step,
+                    )
+                    .values(**values)
+                    .execution_options(synchronize_session=False)
+                )
+                if not result.rowcount:  # type: ignore[attr-defined]
+                    session.add(
+                        GatewayReplicaStats(
+                            replica_id=self.replica_id, deployment_id=dep, step=step, **values
+                        )
+                    )
+            await session.execute(
+                delete(GatewayReplicaStats).where(
+                    col(GatewayReplicaStats.updated_at) < now - timedelta(hours=1)
+                )
+            )
+
+    async def refresh_peers(self) -> None:
+        """Read the other live replicas' windows (fresh within a few sync intervals)."""
+        fresh = utcnow() - timedelta(seconds=max(5.0, 3 * self.settings.sync_interval_s))
+        peers: dict[tuple[str, int], list[WindowStats]] = {}
+        async with self.db.session() as session:
+            rows = await session.exec(
+                select(GatewayReplicaStats).where(
+                    col(GatewayReplicaStats.replica_id) != self.replica_id,
+                    col(GatewayReplicaStats.updated_at) >= fresh,
+                )
+            )
+            for r in rows.all():
+                peers.setdefault((r.deployment_id, r.step), []).append(
+                    WindowStats(
+                        requests=r.requests,
+                        errors=r.errors,
+                        p95_ms=r.p95_ms,
+                        p50_ms=r.p50_ms,
+                        latency_samples=r.latency_samples,
+                    )
+                )
+        self._peers = peers
+
+    def combined(self, deployment_id: str, step: int) -> WindowStats:
+        """This replica's window merged with the other replicas' (as last read)."""
+        own = self.stats.get(deployment_id, step)
+        others = self._peers.get((deployment_id, step), [])
+        return merge([own, *others], min_samples=self.settings.slo_min_samples)
+
     @contextlib.asynccontextmanager
     async def changing(self) -> AsyncIterator[AsyncSession]:
         """A transaction whose route changes apply here at once (others see them next sync)."""
@@ -267,12 +350,14 @@ class GatewayState:
         if row is None:
             return {}
         step = row.step if row.state == "canary" else -1
-        return self.stats.get(deployment_id, step).as_dict()
+        return self.combined(deployment_id, step).as_dict()
 
     async def control_once(self) -> list[RolloutChanged]:
         """Judge every canary once; apply and return the transitions this replica won."""
         done: list[RolloutChanged] = []
         steps = self.settings.canary_steps
+        if any(r.canary is not None for r in self.routes.values()):
+            await self.refresh_peers()
         for route in list(self.routes.values()):
             canary = route.canary
             if canary is None or route.pinned is not None:
@@ -280,9 +365,9 @@ class GatewayState:
             row = self.rows.get(canary.deployment_id)
             if row is None or row.state != "canary":
                 continue
-            canary_stats = self.stats.get(canary.deployment_id, row.step)
+            canary_stats = self.combined(canary.deployment_id, row.step)
             stable_stats = (
-                self.stats.get(route.stable.deployment_id, -1) if route.stable else canary_stats
+                self.combined(route.stable.deployment_id, -1) if route.stable else canary_stats
             )
             started = row.step_started_at or row.updated_at
             decision = decide(

@@ -75,3 +75,20 @@ class GatewayFeedback(SQLModel, table=True):
     comment: str | None = Field(default=None, sa_column=Column(Text))
     applied: bool = Field(default=False, sa_column=Column(Boolean, nullable=False))
     created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+
+
+class GatewayReplicaStats(SQLModel, table=True):
+    """Each replica's live window per deployment (step -1 = stable's rolling window), so the
+    canary is judged on all replicas' traffic and every replica's admin view agrees."""
+
+    __tablename__ = "gateway_replica_stats"
+
+    replica_id: str = Field(sa_column=Column(String(32), primary_key=True))
+    deployment_id: str = Field(sa_column=Column(String(200), primary_key=True))
+    step: int = Field(sa_column=Column(Integer, primary_key=True))
+    requests: int = Field(sa_column=Column(Integer, nullable=False))
+    errors: int = Field(sa_column=Column(Integer, nullable=False))
+    p50_ms: float | None = Field(default=None, sa_column=Column(Float))
+    p95_ms: float | None = Field(default=None, sa_column=Column(Float))
+    latency_samples: int = Field(sa_column=Column(Integer, nullable=False))
+    updated_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))

@@ -111,3 +111,32 @@ class LiveStats:
 
     def reset(self, deployment_id: str, step: int) -> None:
         self._windows.pop((deployment_id, step), None)
+
+
+def merge(windows: list[WindowStats], *, min_samples: int) -> WindowStats:
+    """Several replicas' windows of one deployment as one: counts add up; p95 is the worst
+    p95 among windows with enough samples (else the sample-weighted mean), p50 the weighted
+    mean."""
+    windows = [w for w in windows if w.requests]
+    if not windows:
+        return EMPTY
+    if len(windows) == 1:
+        return windows[0]
+    with_latency = [w for w in windows if w.p95_ms is not None and w.latency_samples]
+    samples = sum(w.latency_samples for w in with_latency)
+    p95 = p50 = None
+    if with_latency:
+        judged = [w.p95_ms for w in with_latency if w.latency_samples >= min_samples]
+        p95 = (
+            max(x for x in judged if x is not None)
+            if judged
+            else (sum((w.p95_ms or 0.0) * w.latency_samples for w in with_latency) / samples)
+        )
+        p50 = sum((w.p50_ms or 0.0) * w.latency_samples for w in with_latency) / samples
+    return WindowStats(
+        requests=sum(w.requests for w in windows),
+        errors=sum(w.errors for w in windows),
+        p95_ms=p95,
+        p50_ms=p50,
+        latency_samples=samples,
+    )

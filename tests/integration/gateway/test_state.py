@@ -14,7 +14,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.gateway.control import GatewayState
 from services.gateway.handlers import on_evaluation_completed, on_model_deployed
-from services.gateway.models import GatewayDeployment
+from services.gateway.models import GatewayDeployment, GatewayReplicaStats
 from services.gateway.routing import state as route_state
 from services.gateway.settings import GatewaySettings
 from shared.bus import PermanentError
@@ -106,6 +106,27 @@ async def test_handlers_are_idempotent_and_transitions_conditional(db: Database)
         assert stale == []  # decided from a step that is gone
         row = await route_state.get(session, "cand")
         assert (row.state, row.step, row.weight) == ("canary", 1, 0.25)
+
+    # Live stats are shared through the DB: each replica judges on all replicas' traffic.
+    peer = GatewayState(GatewaySettings(), db, DbOutbox(db), admin_key=None)
+    for s in (state, peer):
+        await s.sync_once(force=True)
+    for ok in (True, True, False):
+        state.record_outcome("cand", 1, ok, 10.0)
+    for ok in (True, False):
+        peer.record_outcome("cand", 1, ok, 20.0)
+    for s in (state, peer):
+        await s.publish_stats()
+    for s in (state, peer):
+        await s.refresh_peers()
+        combined = s.combined("cand", 1)
+        assert (combined.requests, combined.errors, combined.latency_samples) == (5, 2, 3)
+        assert s.live_stats("cand")["requests"] == 5
+    await state.publish_stats()  # an update of its own row, not a second row
+    async with db.session() as session:
+        assert (
+            await session.exec(select(func.count()).select_from(GatewayReplicaStats))
+        ).one() == 4
 
     # A failed evaluation: refused, and it cannot be given traffic or pinned.
     bad = deployed("bad")

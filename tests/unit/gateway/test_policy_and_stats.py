@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.gateway.routing.policy import Slo, decide, slo_breach
-from services.gateway.routing.stats import LiveStats, WindowStats
+from services.gateway.routing.stats import EMPTY, LiveStats, WindowStats, merge
 
 STEPS = [0.1, 0.25, 0.5, 1.0]
 SLO = Slo(max_error_rate_increase=0.02, max_p95_ratio=1.5, p95_slack_ms=10, min_samples=20)
@@ -87,3 +87,16 @@ def test_live_stats_canary_step_windows_and_rolling_stable():
     stats.forget("canary")
     assert stats.get("canary", 1).requests == 0
     assert w(0).error_rate == 0.0
+
+
+def test_merge_replica_windows():
+    a = WindowStats(requests=10, errors=1, p95_ms=50.0, p50_ms=10.0, latency_samples=9)
+    b = WindowStats(requests=30, errors=0, p95_ms=80.0, p50_ms=20.0, latency_samples=30)
+    thin = WindowStats(requests=2, errors=0, p95_ms=900.0, p50_ms=900.0, latency_samples=2)
+    m = merge([a, b, thin, EMPTY], min_samples=5)
+    assert (m.requests, m.errors, m.latency_samples) == (42, 1, 41)
+    assert m.p95_ms == 80.0  # the worst p95 among windows with enough samples
+    assert merge([thin], min_samples=5) is thin
+    assert merge([], min_samples=5) is EMPTY
+    few = merge([thin, thin], min_samples=5)
+    assert few.p95_ms == 900.0 and few.requests == 4
