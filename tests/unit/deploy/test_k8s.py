@@ -34,6 +34,7 @@ from tests.unit.deploy.manifests import (
     by_kind,
     containers,
     custom_durables,
+    kubectl,
     kustomize,
     labels_match,
     pod_spec,
@@ -594,3 +595,37 @@ def test_engines_the_inference_service_creates_fit_the_cluster(overlay: str) -> 
         ("", "pods/log", "get"),
     ]:
         assert need in granted, need
+
+
+# ------------------------------------------------------------------------------ components
+
+
+def test_gcs_key_component_mounts_the_key_for_every_service(tmp_path: Path) -> None:
+    """Clusters without Workload Identity add k8s/components/gcs-key to an overlay."""
+    rel = os.path.relpath(K8S, tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources: [{rel}/overlays/gpu]\ncomponents: [{rel}/components/gcs-key]\n"
+    )
+    out = subprocess.run(
+        [kubectl(), "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    objs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    for obj in objs:
+        validate(obj, KUBERNETES_VERSIONS[0])
+    deployments = by_kind(objs, "Deployment")
+    for name in SERVICES:
+        spec = pod_spec(deployments[name])
+        (app,) = spec["containers"]
+        env = {e["name"]: e.get("value") for e in app["env"]}
+        key_file = Path(env["GOOGLE_APPLICATION_CREDENTIALS"])
+        (mount,) = [m for m in app["volumeMounts"] if m["mountPath"] == str(key_file.parent)]
+        assert mount["readOnly"] is True
+        (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+        secret = volume["secret"]["secretName"]
+        assert secret in (K8S / "README.md").read_text()
+        assert key_file.name in (K8S / "components" / "gcs-key" / "kustomization.yaml").read_text()
