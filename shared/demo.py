@@ -228,7 +228,7 @@ async def watch_run(
 ) -> None:
     """Follow the pipeline stream until the run is promoted, refused, rolled back or failed."""
     ns = Namespace(prefix)
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, connect_timeout=10, error_cb=_quiet)
     try:
         js = nc.jetstream()
         sub = await js.pull_subscribe(
@@ -267,6 +267,10 @@ async def watch_run(
                         return
     finally:
         await nc.close()
+
+
+async def _quiet(exc: Exception) -> None:
+    """Reconnects are retried by the client; no traceback on the user's terminal."""
 
 
 def scoreboard(result: DemoResult) -> list[str]:
