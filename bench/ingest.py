@@ -18,6 +18,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import orjson
 
 from services.ingest.pipeline import chunks, dedupe, formats, validate
@@ -272,12 +273,15 @@ def stage_costs(sources: list[SourceFile], config: ProcessingConfig) -> list[tup
             lambda texts=texts: dedupe.signatures(texts, num_perm=config.num_perm),
         )
 
-        def lsh(sigs=sigs):
-            keys = index.keys(sigs).tolist()
-            small = sigs.astype("uint16")
-            for i in range(len(keys)):
-                if index.find(keys[i], small[i]) is None:
-                    index.add(keys[i], small[i], str(i))
+        def lsh(sigs=sigs, lo=lo):
+            keys = index.keys(sigs)
+            found, check = index.check_chunk(keys)
+            rows = np.arange(lo, lo + len(sigs))
+            for i in np.flatnonzero(check).tolist():
+                index.similar({c for c in found[i].tolist() if c >= 0}, sigs[i])
+            index.store(rows, sigs)
+            fresh = ~check
+            index.index(keys[fresh].ravel(), np.repeat(rows[fresh], keys.shape[1]))
 
         timed("LSH bands + lookups", lsh)
     return [(name, n / secs if secs else float("inf")) for name, secs in cost.items()]

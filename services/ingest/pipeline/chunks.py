@@ -70,7 +70,7 @@ class ChunkResult:
     kept: list[Kept] = field(default_factory=list)
     rejected: list[tuple[int, str, str]] = field(default_factory=list)
     pii: Counter[str] = field(default_factory=Counter)
-    # Per kept record: LSH band keys and low 16 bits of the MinHash signature.
+    # Per kept record: LSH band keys and the low 8 bits of the MinHash signature.
     band_keys: np.ndarray | None = None
     signatures: np.ndarray | None = None
 
@@ -194,5 +194,5 @@ def process_chunk(job: ChunkJob) -> ChunkResult:
     if rules.near_dedupe and texts:
         sigs = dedupe.signatures(texts, num_perm=rules.num_perm)
         result.band_keys = dedupe.band_keys(sigs, rules.bands, rules.rows)
-        result.signatures = sigs.astype(np.uint16)
+        result.signatures = sigs.astype(np.uint8)
     return result

@@ -12,6 +12,7 @@ positions. The first record of a cluster is kept.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from functools import lru_cache
 
 import numpy as np
@@ -169,71 +170,84 @@ def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return out
 
 
+class SortedRuns:
+    """A uint64 → int64 map held as a few sorted numpy runs: ~16 bytes an entry where a dict
+    of Python ints costs ~150, with lookups and inserts done a chunk at a time. Runs merge
+    like a binary counter, so there are O(log n) of them. A key keeps its first value: the
+    caller adds only keys that :meth:`lookup` did not find, each once."""
+
+    def __init__(self) -> None:
+        self._runs: list[tuple[np.ndarray, np.ndarray]] = []
+        self.size = 0
+
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """The value of each key, -1 where absent."""
+        out = np.full(len(keys), -1, dtype=np.int64)
+        for run_keys, run_values in self._runs:
+            idx = np.minimum(np.searchsorted(run_keys, keys), len(run_keys) - 1)
+            hit = run_keys[idx] == keys
+            out[hit] = run_values[idx[hit]]
+        return out
+
+    def add(self, keys: np.ndarray, values: np.ndarray) -> None:
+        if not len(keys):
+            return
+        order = np.argsort(keys, kind="stable")
+        self._runs.append((keys[order], values[order].astype(np.int64)))
+        self.size += len(keys)
+        while len(self._runs) > 1 and len(self._runs[-1][0]) >= len(self._runs[-2][0]):
+            newer, older = self._runs.pop(), self._runs.pop()
+            merged_keys = np.concatenate([older[0], newer[0]])
+            order = np.argsort(merged_keys, kind="stable")
+            merged_values = np.concatenate([older[1], newer[1]])
+            self._runs.append((merged_keys[order], merged_values[order]))
+
+
 class NearDuplicateIndex:
-    """The kept records' bands and signatures (uint16: the low bits are plenty to confirm a
-    candidate); ``find`` returns the label of a kept near-duplicate."""
+    """Band keys and signatures of the kept records, by row (the record's ordinal).
+
+    Signatures are stored as their low 8 bits: a chance agreement (1/256 per position)
+    moves a similarity estimate by under 0.005, and it halves the memory per record."""
 
     def __init__(self, *, threshold: float, num_perm: int) -> None:
         self.threshold = threshold
         self.num_perm = num_perm
         self.bands, self.rows = lsh_params(threshold, num_perm)
         self._agree = math.ceil(threshold * num_perm - 1e-9)
-        self._first: dict[int, int] = {}
-        # Low 16 bits of each signature value are plenty to confirm a candidate.
-        self._sigs = np.zeros((1024, num_perm), dtype=np.uint16)
-        self._labels: list[str] = []
-        self.size = 0
+        self._first = SortedRuns()
+        self._sigs = np.zeros((1024, num_perm), dtype=np.uint8)
 
     def keys(self, sigs: np.ndarray) -> np.ndarray:
         return band_keys(sigs, self.bands, self.rows)
 
-    def find(self, keys: list[int], sig: np.ndarray) -> str | None:
-        """The label of a kept record this one nearly duplicates, or None."""
-        seen: set[int] = set()
-        for key in keys:
-            idx = self._first.get(key)
-            if idx is None or idx in seen:
-                continue
-            seen.add(idx)
-            if np.count_nonzero(self._sigs[idx] == sig) >= self._agree:
-                return self._labels[idx]
+    def check_chunk(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For a chunk's band keys (n, bands): the indexed row holding each band (-1 if
+        none), and which rows need a closer look (a band shared with the index or with
+        another row of the chunk). The others cannot be near-duplicates of anything."""
+        n, bands = keys.shape
+        flat = keys.ravel()
+        found = self._first.lookup(flat).reshape(n, bands)
+        if n == 0:
+            return found, np.zeros(0, dtype=bool)
+        _, inverse, counts = np.unique(flat, return_inverse=True, return_counts=True)
+        repeated = (counts[inverse] > 1).reshape(n, bands)
+        return found, np.asarray((found >= 0).any(axis=1) | repeated.any(axis=1))
+
+    def similar(self, candidates: Iterable[int], sig: np.ndarray) -> int | None:
+        """The first candidate row whose signature agrees with ``sig`` enough, or None."""
+        small = sig.astype(np.uint8)
+        for row in sorted(candidates):
+            if np.count_nonzero(self._sigs[row] == small) >= self._agree:
+                return row
         return None
 
-    def add(self, keys: list[int], sig: np.ndarray, label: str) -> None:
-        self.add_many(np.asarray([keys], dtype=np.uint64), sig[None, :], [label], fresh=False)
-
-    def needs_check(self, keys: np.ndarray) -> np.ndarray:
-        """Per row of a chunk's band keys: could it have a near-duplicate (a band shared with
-        the index or with another row of the chunk)? Rows that cannot are added in bulk."""
-        n, bands = keys.shape
-        if n == 0:
-            return np.zeros(0, dtype=bool)
-        flat = keys.ravel()
-        hits = self._first.keys() & set(flat.tolist())
-        if hits:
-            in_index = np.isin(flat, np.fromiter(hits, dtype=np.uint64, count=len(hits)))
-        else:
-            in_index = np.zeros(flat.size, dtype=bool)
-        _, inverse, counts = np.unique(flat, return_inverse=True, return_counts=True)
-        repeated = counts[inverse] > 1
-        result = np.asarray((in_index | repeated).reshape(n, bands).any(axis=1))
-        return result
-
-    def add_many(
-        self, keys: np.ndarray, sigs: np.ndarray, labels: list[str], *, fresh: bool = True
-    ) -> None:
-        """Index rows; ``fresh`` = no key of theirs is indexed yet or repeated among them
-        (what :meth:`needs_check` found), so a plain dict update is safe."""
-        n = len(labels)
-        start = self.size
-        while start + n > len(self._sigs):
-            self._sigs = np.concatenate([self._sigs, np.zeros_like(self._sigs)])
-        self._sigs[start : start + n] = sigs
-        self._labels.extend(labels)
-        self.size += n
-        rows = np.repeat(np.arange(start, start + n), keys.shape[1]).tolist()
-        if fresh:
-            self._first.update(zip(keys.ravel().tolist(), rows, strict=True))
+    def store(self, rows: np.ndarray, sigs: np.ndarray) -> None:
+        if not len(rows):
             return
-        for key, row in zip(keys.ravel().tolist(), rows, strict=True):
-            self._first.setdefault(key, row)  # the first record keeps a shared band
+        while int(rows.max()) >= len(self._sigs):
+            self._sigs = np.concatenate([self._sigs, np.zeros_like(self._sigs)])
+        self._sigs[rows] = sigs.astype(np.uint8)
+
+    def index(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        """Index band keys (each absent from the index and given once) → rows."""
+        self._first.add(keys, rows)

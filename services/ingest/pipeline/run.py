@@ -18,8 +18,9 @@ import itertools
 import math
 import time
 import zlib
+from array import array
 from collections import Counter, defaultdict, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,15 +72,18 @@ class PipelineOutput:
 
 @dataclass
 class _Meta:
-    """What is remembered of each kept record (its content is in the spool)."""
+    """What is remembered of each kept record (its content is in the spool), by row."""
 
     ids: list[str] = field(default_factory=list)
-    categories: list[str] = field(default_factory=list)
+    categories: list[str] = field(default_factory=list)  # interned: one object per value
     sources: list[str] = field(default_factory=list)
-    input_chars: list[int] = field(default_factory=list)
-    output_chars: list[int] = field(default_factory=list)
+    input_chars: array[int] = field(default_factory=lambda: array("I"))
+    output_chars: array[int] = field(default_factory=lambda: array("I"))
     # 0 = new record (split to be decided), 1 = previous train, 2 = previous validation.
     fixed_split: bytearray = field(default_factory=bytearray)
+    # Where the record came from, for reports: file index and line (or array position).
+    file: array[int] = field(default_factory=lambda: array("H"))
+    position: array[int] = field(default_factory=lambda: array("q"))
 
 
 def rules_for(config: ProcessingConfig) -> Rules:
@@ -105,7 +109,7 @@ def previous_sources(train: Path, validation: Path, name: str) -> list[SourceFil
     ]
 
 
-def _percentiles(values: list[int]) -> dict[str, float]:
+def _percentiles(values: Sequence[int]) -> dict[str, float]:
     if not values:
         return {}
     arr = np.asarray(values)
@@ -149,7 +153,10 @@ class Pipeline:
         self.max_in_flight = max_in_flight
         self.progress = progress
         self.meta = _Meta()
-        self.exact: dict[bytes, str] = {}
+        # First 64 bits of each kept record's exact key → its row.
+        self.exact = dedupe.SortedRuns()
+        self._files: list[str] = []
+        self._interned: dict[str, str] = {}
         self.near = dedupe.NearDuplicateIndex(
             threshold=config.near_threshold, num_perm=config.num_perm
         )
@@ -225,61 +232,85 @@ class Pipeline:
         if code == "empty_turn" and "assistant" in reason:
             self.empty_outputs += 1
 
+    def _label(self, row: int) -> str:
+        return f"{self._files[self.meta.file[row]]}:{self.meta.position[row]}"
+
     def _consume(self, result: ChunkResult, src: SourceFile, stats: dict[str, Any]) -> None:
         started = time.perf_counter()
+        name = src.display_name
         for position, code, reason in result.rejected:
-            self._reject(src.display_name, position, code, reason)
+            self._reject(name, position, code, reason)
         self.pii.update(result.pii)
         split_code = {"train": 1, "validation": 2}.get(src.trusted_split or "", 0)
+        if not self._files or self._files[-1] != name:
+            self._files.append(name)
+        file_index = len(self._files) - 1
+        recs = result.kept
+        n = len(recs)
+        # Exact duplicates of kept records (index) and of earlier records of this chunk.
+        exact = np.frombuffer(b"".join(r.key[:8] for r in recs), dtype="<u8")
+        earlier = self.exact.lookup(exact)
+        _, first_in_chunk, inverse = np.unique(exact, return_index=True, return_inverse=True)
+        first_in_chunk = first_in_chunk[inverse]
         keys, sigs = result.band_keys, result.signatures
         near = self.rules.near_dedupe and keys is not None and sigs is not None
-        check = self.near.needs_check(keys) if near and keys is not None else None
-        bulk: list[int] = []  # rows no earlier record can be similar to: added together
-        bulk_labels: list[str] = []
-        kept = 0
+        if near and keys is not None:
+            found, check = self.near.check_chunk(keys)
+        pending: dict[int, int] = {}  # bands of this chunk's checked, kept rows → row
+        rows = np.full(n, -1, dtype=np.int64)
         lines: list[bytes] = []
-        meta = self.meta
-        for i, rec in enumerate(result.kept):
-            where = f"{src.display_name}:{rec.position}"
-            first = self.exact.get(rec.key)
-            if first is not None:
-                self._reject(
-                    src.display_name, rec.position, "exact_duplicate", f"duplicate of {first}"
-                )
+        meta, intern = self.meta, self._interned
+        for i, rec in enumerate(recs):
+            if earlier[i] >= 0:
+                why = f"duplicate of {self._label(int(earlier[i]))}"
+                self._reject(name, rec.position, "exact_duplicate", why)
                 continue
-            if check is not None and keys is not None and sigs is not None:
-                if check[i]:
-                    row = keys[i].tolist()
-                    similar = self.near.find(row, sigs[i])
-                    if similar is not None:
-                        self._reject(
-                            src.display_name,
-                            rec.position,
-                            "near_duplicate",
-                            f"near-duplicate of {similar}",
-                        )
-                        continue
-                    self.near.add(row, sigs[i], where)
-                else:
-                    bulk.append(i)
-                    bulk_labels.append(where)
-            self.exact[rec.key] = where
+            j = int(first_in_chunk[i])
+            if j != i:
+                why = f"duplicate of {name}:{recs[j].position}"
+                self._reject(name, rec.position, "exact_duplicate", why)
+                continue
+            row = len(meta.ids)
+            if near and keys is not None and sigs is not None and check[i]:
+                band_row = keys[i].tolist()
+                candidates = {c for c in found[i].tolist() if c >= 0}
+                candidates.update(pending[k] for k in band_row if k in pending)
+                similar = self.near.similar(candidates, sigs[i])
+                if similar is not None:
+                    why = f"near-duplicate of {self._label(similar)}"
+                    self._reject(name, rec.position, "near_duplicate", why)
+                    continue
+                for b, key in enumerate(band_row):
+                    if found[i, b] < 0:
+                        pending.setdefault(key, row)
+                self.near.store(np.asarray([row]), sigs[i : i + 1])
+            rows[i] = row
             lines.append(rec.line)
             meta.ids.append(rec.record_id)
-            meta.categories.append(rec.category)
-            meta.sources.append(rec.source)
+            meta.categories.append(intern.setdefault(rec.category, rec.category))
+            meta.sources.append(intern.setdefault(rec.source, rec.source))
             meta.input_chars.append(rec.input_chars)
             meta.output_chars.append(rec.output_chars)
             meta.fixed_split.append(split_code)
-            kept += 1
-        if bulk and keys is not None and sigs is not None:
-            self.near.add_many(keys[bulk], sigs[bulk], bulk_labels)
+            meta.file.append(file_index)
+            meta.position.append(rec.position)
+        kept = rows >= 0
+        self.exact.add(exact[kept], rows[kept])
+        if near and keys is not None and sigs is not None:
+            bulk = kept & ~check
+            self.near.store(rows[bulk], sigs[bulk])
+            self.near.index(keys[bulk].ravel(), np.repeat(rows[bulk], keys.shape[1]))
+            if pending:
+                self.near.index(
+                    np.fromiter(pending.keys(), dtype=np.uint64, count=len(pending)),
+                    np.fromiter(pending.values(), dtype=np.int64, count=len(pending)),
+                )
         self._spool.writelines(lines)
-        stats["read"] += len(result.kept) + len(result.rejected)
-        stats["kept"] += kept
+        stats["read"] += n + len(result.rejected)
+        stats["kept"] += int(kept.sum())
         self.timings["dedupe_and_spool"] += time.perf_counter() - started
         if self.progress:
-            self.progress(len(result.kept) + len(result.rejected))
+            self.progress(n + len(result.rejected))
 
     def _process(self, sources: Iterable[SourceFile]) -> None:
         pending: deque[tuple[Future[ChunkResult], SourceFile, dict[str, Any]]] = deque()

@@ -7,6 +7,7 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pytest
 from pydantic import ValidationError
@@ -265,7 +266,7 @@ def test_sentence_helper_makes_unique_text():
     assert sentence(rng, 50) != sentence(rng, 50)
 
 
-def test_near_duplicate_index_bulk_and_single_adds_agree():
+def test_near_duplicate_index_finds_candidates_and_confirms_them():
     from services.ingest.pipeline import dedupe
 
     rng = random.Random(3)
@@ -274,10 +275,29 @@ def test_near_duplicate_index_bulk_and_single_adds_agree():
     sigs = dedupe.signatures([*texts, near], num_perm=128)
     index = dedupe.NearDuplicateIndex(threshold=0.8, num_perm=128)
     keys = index.keys(sigs)
-    small = sigs.astype("uint16")
-    check = index.needs_check(keys[:6])
-    assert not check.any()  # nothing indexed, no two alike: all can go in bulk
-    index.add_many(keys[:6], small[:6], [f"t{i}" for i in range(6)])
-    assert index.needs_check(keys[6:]).all()
-    assert index.find(keys[6].tolist(), small[6]) == "t0"
-    assert index.find(keys[1].tolist(), small[1]) == "t1"  # itself
+    found, check = index.check_chunk(keys[:6])
+    assert not check.any() and (found == -1).all()  # nothing indexed, no two alike
+    rows = np.arange(6)
+    index.store(rows, sigs[:6])
+    index.index(keys[:6].ravel(), np.repeat(rows, keys.shape[1]))
+    found, check = index.check_chunk(keys[6:])
+    assert check.all()
+    candidates = {int(c) for c in found[0] if c >= 0}
+    assert candidates == {0}
+    assert index.similar(candidates, sigs[6]) == 0
+    assert index.similar({1, 2}, sigs[6]) is None  # candidates are confirmed, not trusted
+
+
+def test_sorted_runs_map_keeps_first_values_across_merges():
+    from services.ingest.pipeline.dedupe import SortedRuns
+
+    runs = SortedRuns()
+    rng = np.random.default_rng(0)
+    keys = rng.permutation(np.arange(1, 5001, dtype=np.uint64) * np.uint64(2**50 + 7))
+    for lo in range(0, 5000, 700):
+        part = keys[lo : lo + 700]
+        runs.add(part, np.arange(lo, lo + len(part)))
+    assert len(runs._runs) <= 4 and runs.size == 5000
+    probe = np.concatenate([keys[[0, 4999, 1234]], np.array([7, 2**64 - 1], dtype=np.uint64)])
+    assert runs.lookup(probe).tolist() == [0, 4999, 1234, -1, -1]
+    assert SortedRuns().lookup(probe).tolist() == [-1] * 5
