@@ -233,7 +233,7 @@ def _write_report(
     unreachable: str | None,
     started_at: datetime,
 ) -> None:
-    from services.evaluator.handlers import build_report
+    from services.evaluator.report import build_report
 
     report = build_report(
         result,

@@ -12,23 +12,21 @@ ModelDeployed finds it and does nothing.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
 
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from services.evaluator import registry
 from services.evaluator.benchmark import Benchmark, BenchmarkError, from_validation_split
 from services.evaluator.client import ChatClient
 from services.evaluator.gate import Verdict, decide
 from services.evaluator.models import EvaluatorDeployment, EvaluatorRun, EvaluatorStable
-from services.evaluator.runner import ItemResult, RunResult, RunSummary, run_benchmark
+from services.evaluator.report import deployment_report, upload_report
+from services.evaluator.runner import RunResult, RunSummary, run_benchmark
 from services.evaluator.scoring import Scoring
 from services.evaluator.settings import EvaluatorSettings
 from shared.db import utcnow
@@ -47,9 +45,6 @@ from shared.storage import ArtifactStore
 log = logging.getLogger(__name__)
 
 PRODUCER = "evaluator"
-REPORT_NAME = "benchmark_results.json"
-# Outputs are kept whole for scoring (up to max_output_chars) but cut in the report.
-REPORT_OUTPUT_CHARS = 4000
 
 Transaction = Callable[[], AbstractAsyncContextManager[AsyncSession]]
 Emit = Callable[[AsyncSession, Event], None]
@@ -76,10 +71,10 @@ async def on_model_deployed(event: ModelDeployed, *, ports: EvaluatorPorts) -> E
     """Returns the event recorded (or None when there was nothing to do)."""
     try:
         async with ports.transaction() as session:
-            await _remember_deployment(session, event)
+            await registry.remember_deployment(session, event)
     except IntegrityError:  # a concurrent delivery inserted the same rows first: now update
         async with ports.transaction() as session:
-            await _remember_deployment(session, event)
+            await registry.remember_deployment(session, event)
     bench = await _benchmark_for(event, ports)
     if event.role == "baseline":
         if ports.settings.warm_baseline:
@@ -87,7 +82,7 @@ async def on_model_deployed(event: ModelDeployed, *, ports: EvaluatorPorts) -> E
         return None
 
     async with ports.transaction() as session:
-        previous = await _run_for(session, event.deployment_id, bench.version)
+        previous = await registry.run_for(session, event.deployment_id, bench.version)
         if previous is not None:
             if previous.status != "failed" or previous.cause_event_id == str(event.event_id):
                 log.info(
@@ -110,8 +105,9 @@ async def on_model_deployed(event: ModelDeployed, *, ports: EvaluatorPorts) -> E
             failed_event_id=event.event_id,
             deployment_id=event.deployment_id,
         )
-        report = await _upload_report(
-            ports.store, _report(event, result, None, None, started_at, failure=unreachable)
+        report = await upload_report(
+            ports.store,
+            deployment_report(event, result, None, None, started_at, failure=unreachable),
         )
         recorded = await _record_run(
             ports,
@@ -133,8 +129,8 @@ async def on_model_deployed(event: ModelDeployed, *, ports: EvaluatorPorts) -> E
     verdict = decide(
         summary, baseline[1] if baseline else None, ports.settings.gate(), baseline_note=note
     )
-    report = await _upload_report(
-        ports.store, _report(event, result, verdict, baseline, started_at, failure=None)
+    report = await upload_report(
+        ports.store, deployment_report(event, result, verdict, baseline, started_at, failure=None)
     )
     completed = event.follow(
         EvaluationCompleted,
@@ -179,68 +175,17 @@ async def on_rollout_changed(event: RolloutChanged, *, transaction: Transaction)
     An older promotion delivered late never overrides a newer one."""
     if event.action != "promoted":
         return False
-    try:
-        return await _promote(event, transaction)
-    except IntegrityError:  # a concurrent delivery inserted the row first: now update
-        return await _promote(event, transaction)
-
-
-async def _promote(event: RolloutChanged, transaction: Transaction) -> bool:
-    async with transaction() as session:
-        row = await session.get(EvaluatorStable, event.served_model_name)
-        if row is not None and row.since > event.occurred_at:
-            return False
-        if row is None:
-            session.add(
-                EvaluatorStable(
-                    served_model_name=event.served_model_name,
-                    deployment_id=event.deployment_id,
-                    source="promoted",
-                    since=event.occurred_at,
-                )
-            )
-        else:
-            row.deployment_id = event.deployment_id
-            row.source = "promoted"
-            row.since = event.occurred_at
-            session.add(row)
-    return True
+    for attempt in (1, 2):
+        try:
+            async with transaction() as session:
+                return await registry.promote(session, event)
+        except IntegrityError:  # a concurrent delivery inserted the row first: now update
+            if attempt == 2:
+                raise
+    return False  # pragma: no cover
 
 
 # ---------------------------------------------------------------- internals
-
-
-async def _remember_deployment(session: AsyncSession, event: ModelDeployed) -> None:
-    if await session.get(EvaluatorDeployment, event.deployment_id) is None:
-        session.add(
-            EvaluatorDeployment(
-                deployment_id=event.deployment_id,
-                model_id=event.model_id,
-                served_model_name=event.served_model_name,
-                endpoint=event.endpoint,
-                role=event.role,
-                engine=event.engine,
-                deployed_at=event.occurred_at,
-            )
-        )
-    if event.role != "baseline":
-        return
-    stable = await session.get(EvaluatorStable, event.served_model_name)
-    # A baseline is production only until a candidate is promoted; a redeployed baseline
-    # (inference restarted) replaces an older baseline, never a promoted model.
-    if stable is None:
-        session.add(
-            EvaluatorStable(
-                served_model_name=event.served_model_name,
-                deployment_id=event.deployment_id,
-                source="baseline",
-                since=event.occurred_at,
-            )
-        )
-    elif stable.source == "baseline" and stable.since <= event.occurred_at:
-        stable.deployment_id = event.deployment_id
-        stable.since = event.occurred_at
-        session.add(stable)
 
 
 async def _benchmark_for(event: ModelDeployed, ports: EvaluatorPorts) -> Benchmark:
@@ -266,16 +211,6 @@ async def _run(endpoint: str, model: str, bench: Benchmark, ports: EvaluatorPort
         )
 
 
-async def _run_for(session: AsyncSession, deployment_id: str, version: str) -> EvaluatorRun | None:
-    result = await session.exec(
-        select(EvaluatorRun).where(
-            col(EvaluatorRun.deployment_id) == deployment_id,
-            col(EvaluatorRun.benchmark_version) == version,
-        )
-    )
-    return result.first()
-
-
 async def _baseline_summary(
     served_model_name: str, bench: Benchmark, ports: EvaluatorPorts, *, exclude: str | None
 ) -> tuple[tuple[str, RunSummary] | None, str | None]:
@@ -286,7 +221,7 @@ async def _baseline_summary(
         if stable is None or stable.deployment_id == exclude:
             return None, f"no stable deployment for {served_model_name!r}"
         dep_id = stable.deployment_id
-        cached = await _run_for(session, dep_id, bench.version)
+        cached = await registry.run_for(session, dep_id, bench.version)
         dep = await session.get(EvaluatorDeployment, dep_id)
     if cached is not None:
         if cached.status == "completed":
@@ -354,80 +289,3 @@ def _percentiles(summary: RunSummary) -> LatencyPercentiles:
     return LatencyPercentiles(
         p50_ms=summary.latency.p50_ms, p95_ms=summary.latency.p95_ms, p99_ms=summary.latency.p99_ms
     )
-
-
-def _report(
-    event: ModelDeployed,
-    result: RunResult,
-    verdict: Verdict | None,
-    baseline: tuple[str, RunSummary] | None,
-    started_at: datetime,
-    *,
-    failure: str | None,
-) -> dict[str, Any]:
-    return build_report(
-        result,
-        deployment={
-            "deployment_id": event.deployment_id,
-            "model_id": event.model_id,
-            "served_model_name": event.served_model_name,
-            "endpoint": event.endpoint,
-            "engine": event.engine,
-            "run_id": event.run_id,
-        },
-        verdict=verdict,
-        baseline=baseline,
-        started_at=started_at,
-        failure=failure,
-    )
-
-
-def build_report(
-    result: RunResult,
-    *,
-    deployment: dict[str, Any],
-    verdict: Verdict | None,
-    baseline: tuple[str, RunSummary] | None,
-    started_at: datetime,
-    failure: str | None = None,
-) -> dict[str, Any]:
-    """``benchmark_results.json``: summary, verdict, baseline and every item's output."""
-    bench = result.benchmark
-    return {
-        "benchmark": {
-            "name": bench.name,
-            "version": bench.version,
-            "description": bench.description,
-            "items": len(bench.items),
-            "categories": bench.categories,
-        },
-        "deployment": deployment,
-        "started_at": started_at.isoformat(),
-        "finished_at": utcnow().isoformat(),
-        "summary": result.summary().model_dump(),
-        "gate": (
-            {"passed": verdict.passed, "reasons": verdict.reasons, "failures": verdict.failures}
-            if verdict
-            else None
-        ),
-        "baseline": (
-            {"deployment_id": baseline[0], "summary": baseline[1].model_dump()}
-            if baseline
-            else None
-        ),
-        "failure": failure,
-        "results": [_report_item(it) for it in result.items],
-    }
-
-
-def _report_item(item: ItemResult) -> dict[str, Any]:
-    data = item.to_dict()
-    if len(item.output) > REPORT_OUTPUT_CHARS:
-        data["output"] = item.output[:REPORT_OUTPUT_CHARS]
-        data["output_truncated"] = True
-    return data
-
-
-async def _upload_report(store: ArtifactStore, report: dict[str, Any]) -> ArtifactRef:
-    data = json.dumps(report, indent=1, ensure_ascii=False).encode("utf-8", errors="replace")
-    return await store.put_bytes(data, kind="evaluations", name=REPORT_NAME)

@@ -201,7 +201,6 @@ async def test_the_service_process_evaluates_and_stops_on_sigterm(bus_settings, 
 async def test_concurrent_deliveries_record_one_verdict(db, evaluator, upstream):
     import asyncio
 
-    from services.evaluator.handlers import on_model_deployed
     from shared.outbox import OutboxMessage
 
     async with evaluator() as ev:
@@ -244,3 +243,28 @@ async def test_evaluations_route_reads_runs_and_refuses_bad_ids(db, evaluator, u
     assert unknown.status_code == 404
     # refused by validation (422), or not even routed (a decoded '/' leaves the route: 404)
     assert [r.status_code for r in bad] == [422, 404, 422, 422]
+
+
+async def test_only_promotions_move_stable_and_late_ones_do_not_win(db, evaluator):
+    from datetime import timedelta
+
+    from services.evaluator.handlers import on_rollout_changed
+    from services.evaluator.models import EvaluatorStable
+
+    def rollout(dep_id: str, action: str, minutes: int) -> RolloutChanged:
+        event = RolloutChanged(run_id=new_run_id(), producer="gateway",
+                               served_model_name="tuneloop", deployment_id=dep_id,
+                               action=action, weight=1.0)  # type: ignore[arg-type]  # fmt: skip
+        return event.model_copy(
+            update={"occurred_at": event.occurred_at + timedelta(minutes=minutes)}
+        )
+
+    async with evaluator() as ev:
+        tx = ev.runtime.transaction
+        assert not await on_rollout_changed(rollout("a", "canary_started", 0), transaction=tx)
+        assert await on_rollout_changed(rollout("new", "promoted", 10), transaction=tx)
+        assert not await on_rollout_changed(rollout("old", "promoted", 5), transaction=tx)
+        assert not await on_rollout_changed(rollout("x", "rolled_back", 20), transaction=tx)
+        async with ev.runtime.db.session() as session:
+            stable = await session.get(EvaluatorStable, "tuneloop")
+        assert stable is not None and (stable.deployment_id, stable.source) == ("new", "promoted")
