@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -199,9 +200,19 @@ async def ingest(
                 max_in_flight=2 * max(1, settings.workers or 2) + 1,
                 progress=progress,
             )
-            output = await asyncio.to_thread(
-                pipeline.run, request.files, workdir=workdir / "out", previous=prev_files
-            )
+            try:
+                output = await asyncio.to_thread(
+                    pipeline.run, request.files, workdir=workdir / "out", previous=prev_files
+                )
+            except BrokenProcessPool:
+                # A worker died (killed for memory?): finish this run in-process.
+                log.warning("ingest worker pool is broken; processing in-process")
+                pipeline = Pipeline(
+                    request.config, dataset_name=request.dataset_name, progress=progress
+                )
+                output = await asyncio.to_thread(
+                    pipeline.run, request.files, workdir=workdir / "retry", previous=prev_files
+                )
             outcome = await _publish(
                 request, output, previous, ports=ports, in_transaction=in_transaction
             )

@@ -298,3 +298,29 @@ async def test_two_harvesters_at_once_make_one_version(ingest_service):
         assert await svc.scalar("select count(*) from ingest_dataset_versions") == 1
         after = await harvest(ports=svc.runtime, settings=svc.settings)
         assert after.status == "not_enough" and after.scanned == 0
+
+
+async def test_a_dead_worker_pool_does_not_fail_the_ingest(ingest_service, tmp_path: Path):
+    import os
+    import signal
+    from concurrent.futures import ProcessPoolExecutor
+
+    from services.ingest.handlers import IngestRequest, ingest
+    from services.ingest.pipeline.formats import SourceFile
+
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b"\n".join(orjson.dumps(r) for r in records(10, seed=9)))
+    pool = ProcessPoolExecutor(1)
+    pid = pool.submit(os.getpid).result()
+    os.kill(pid, signal.SIGKILL)  # as the OOM killer would
+    try:
+        async with ingest_service() as svc:
+            outcome = await ingest(
+                IngestRequest(files=[SourceFile(path, "c.jsonl")], dataset_name="pool"),
+                ports=svc.runtime,
+                settings=svc.settings,
+                executor=pool,
+            )
+            assert outcome.status == "created" and outcome.report["records"]["kept"] == 10
+    finally:
+        pool.shutdown()
