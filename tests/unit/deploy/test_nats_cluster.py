@@ -8,6 +8,7 @@ import asyncio
 import os
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,7 +70,7 @@ def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]
                 )
             )
         for proc, p in zip(procs, ports, strict=True):
-            wait_for_port(p["client"], proc=proc, what="nats-server")
+            wait_for_port(p["client"], proc=proc, what="nats-server", timeout_s=120)
         yield [f"nats://127.0.0.1:{p['client']}" for p in ports]
     finally:
         for proc in procs:
@@ -79,16 +80,21 @@ def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]
 
 
 async def _add_stream_when_cluster_is_ready(url: str, config: StreamConfig) -> int:
+    """Create the stream once the cluster has elected its meta leader (seconds when idle; give
+    a loaded machine two minutes) and return how many servers hold it."""
     nc = await nats.connect(url)
     try:
         js = nc.jetstream()
-        for _ in range(120):  # the meta group elects a leader within seconds
+        deadline = time.monotonic() + 120
+        while True:
             try:
                 await js.add_stream(config)
+                info = await js.stream_info(config.name or "")
                 break
             except (APIError, nats.errors.TimeoutError):
+                if time.monotonic() > deadline:
+                    raise
                 await asyncio.sleep(0.25)
-        info = await js.stream_info(config.name or "")
         assert info.cluster is not None
         return 1 + len(info.cluster.replicas or [])
     finally:
