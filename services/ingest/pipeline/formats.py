@@ -25,6 +25,7 @@ FORMATS: tuple[Format, ...] = ("alpaca", "openai", "sharegpt")
 # A line or array element past this size is rejected without being parsed.
 MAX_RECORD_BYTES = 4 * 1024 * 1024
 GZIP_MAGIC = b"\x1f\x8b"
+BOM = b"\xef\xbb\xbf"
 
 _SHAREGPT_ROLES = {
     "human": "user",
@@ -67,12 +68,12 @@ def open_binary(path: Path) -> BinaryIO:
 
 
 def is_json_array(stream: BinaryIO) -> bool:
-    """Peek past whitespace (and a BOM): does the content start with ``[``?"""
+    """Peek past whitespace: does the content start with ``[``?"""
     peekable = stream if hasattr(stream, "peek") else None
     if peekable is None:
         return False
     head = peekable.peek(4096)  # type: ignore[attr-defined]
-    head = head.removeprefix(b"\xef\xbb\xbf").lstrip()
+    head = head.lstrip()
     return bool(head[:1] == b"[")
 
 
@@ -84,6 +85,8 @@ def iter_items(path: Path) -> Iterator[Item]:
     """Every record of a file with its position: raw lines for JSONL, parsed elements for a
     JSON array. A broken array raises :class:`RecordError` at the element it failed on."""
     with open_binary(path) as stream:
+        if stream.peek(3)[:3] == BOM:  # type: ignore[attr-defined]
+            stream.read(3)
         if is_json_array(stream):
             position = 0
             try:

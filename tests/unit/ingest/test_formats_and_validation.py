@@ -187,3 +187,14 @@ def test_answers_with_error_text_are_rejected_in_a_chunk():
     ]
     assert [k.position for k in result.kept] == [1, 4]
     assert len(_run(items, None, reject_error_text=False).kept) == 4
+
+
+def test_a_byte_order_mark_is_skipped(tmp_path: Path):
+    rows = [alpaca(P, A)]
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + orjson.dumps(rows[0]) + b"\r\n")
+    arr = tmp_path / "bom.json"
+    arr.write_bytes(b"\xef\xbb\xbf" + orjson.dumps(rows))
+    for path in (jsonl, arr):
+        result = _run(list(iter_items(path)), "alpaca")
+        assert len(result.kept) == 1 and not result.rejected
