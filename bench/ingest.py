@@ -350,12 +350,10 @@ def main() -> None:
             runs = [run_once(sources, config, executor, args.workers) for _ in range(args.repeat)]
             wall, main_cpu, worker_cpu, out = min(runs, key=lambda r: r[0])
             d = out.report["dedupe"]
-            # On idle cores the run takes as long as the busier side: the main process, or
-            # the workers' CPU time spread over the cores left to them.
+            # On idle cores a run needs at least its CPU time spread over the cores, and at
+            # least the main process's own (reading and deciding are sequential).
             cores = os.cpu_count() or 1
-            idle = max(main_cpu, worker_cpu / max(1, min(args.workers, cores - 1 or 1)))
-            if not executor:
-                idle = main_cpu
+            idle = max(main_cpu, (main_cpu + worker_cpu) / cores) if executor else main_cpu
             print(
                 f"{'near-dedupe ' + ('on' if near else 'off'):<28}{args.workers:>8}"
                 f"{wall:>9.3f}{total / wall:>12,.0f}{out.kept:>8}{d['exact']:>7}{d['near']:>6}"
