@@ -92,6 +92,8 @@ class BusSettings:
     # Stream retention: pipeline events are small; keep a month of history for replays.
     max_age_s: float = 30 * 24 * 3600.0
     file_storage: bool = True
+    # 3 on a NATS cluster (k8s): the stream survives the loss of one server.
+    stream_replicas: int = 1
 
 
 @dataclass
@@ -206,6 +208,7 @@ class EventBus:
                 duplicate_window=self.settings.duplicate_window_s,
                 max_age=self.settings.max_age_s,
                 storage=storage,  # type: ignore[arg-type]
+                num_replicas=self.settings.stream_replicas,
             )
             try:
                 await js.stream_info(name)

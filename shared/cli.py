@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import os
 import signal
 import sys
 import time
@@ -160,7 +161,6 @@ def demo(
 async def _run_demo(
     state: dict[str, Any], embedded: Embedded, train_records: int, timeout_s: float
 ) -> str:
-    import os
 
     from shared import demotask
     from shared.demo import (
@@ -455,7 +455,6 @@ def trace(
     home: HomeOption = Path(".tuneloop"),
 ) -> None:
     """Render a run's spans, across every service, as a tree with durations."""
-    import os
 
     from shared.runs import load_spans, trace_tree
 
@@ -477,10 +476,12 @@ def _register_service_commands() -> None:
     for name in SERVICES:
         try:
             module = importlib.import_module(f"services.{name}.cli")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"services.{name}.cli":
-                continue
-            raise
+        except ImportError as exc:
+            # No CLI for this service, or an image without that service's extras installed
+            # (e.g. the trainer image has no aiohttp for the evaluator's commands).
+            if os.environ.get("TUNELOOP_DEBUG_CLI"):
+                console.print(f"[dim]services.{name}.cli not loaded: {exc}[/dim]")
+            continue
         module.register(app)
 
 

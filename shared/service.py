@@ -105,10 +105,13 @@ class ServiceRuntime:
             return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
-async def run_service(runtime: ServiceRuntime, *, host: str = "127.0.0.1", port: int = 0) -> None:
-    """Start the runtime and its HTTP side; run until SIGTERM/SIGINT; stop cleanly."""
+async def run_service(runtime: ServiceRuntime, *, host: str | None = None, port: int = 0) -> None:
+    """Start the runtime and its HTTP side; run until SIGTERM/SIGINT; stop cleanly.
+
+    ``host`` defaults to ``TUNELOOP_HTTP_HOST`` (loopback; 0.0.0.0 in a container)."""
     import uvicorn
 
+    host = host or runtime.common.http_host
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -31,6 +31,8 @@ class CommonSettings(BaseSettings):
     ack_wait_s: float = Field(default=30.0, gt=0)
     max_deliver: int = Field(default=5, ge=1)
     duplicate_window_s: float = Field(default=3600.0, gt=0)
+    stream_replicas: int = Field(default=1, ge=1, le=5, description="3 on a NATS cluster")
+    http_host: str = Field(default="127.0.0.1", description="0.0.0.0 in containers")
 
     @model_validator(mode="after")
     def _refuse_default_secret(self) -> CommonSettings:
@@ -56,4 +58,5 @@ class CommonSettings(BaseSettings):
             ack_wait_s=self.ack_wait_s,
             max_deliver=self.max_deliver,
             duplicate_window_s=self.duplicate_window_s,
+            stream_replicas=self.stream_replicas,
         )
