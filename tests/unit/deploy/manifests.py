@@ -295,7 +295,8 @@ def custom_durables(service: str) -> set[str]:
 
 def bind_address_envs(service: str) -> set[str]:
     """The variables that set the address the service's HTTP side binds (``*HTTP_HOST``)."""
-    names: set[str] = set()
+    # Every service's run_service defaults to the shared TUNELOOP_HTTP_HOST.
+    names: set[str] = {n for n in common_settings_env() if n.endswith("HTTP_HOST")}
     for cls in service_settings(service):
         for field_names, _ in settings_fields(cls).values():
             names |= {n for n in field_names if n.endswith("HTTP_HOST")}

@@ -267,16 +267,9 @@ def test_the_import_probe_blocks_what_an_image_lacks() -> None:
     "service",
     [
         "gateway",  # runs `tuneloop migrate` (compose's migrate service, the k8s Job)
-        *(
-            pytest.param(
-                s,
-                marks=pytest.mark.xfail(
-                    reason="shared/cli.py imports every service's cli.py; the evaluator's needs "
-                    "aiohttp, which this image lacks (skip CLIs that cannot import)"
-                ),
-            )
-            for s in ("ingest", "trainer", "quantizer")
-        ),
+        "ingest",
+        "trainer",
+        "quantizer",
     ],
 )
 def test_the_tuneloop_cli_runs_in_the_image(service: str) -> None:

@@ -119,15 +119,10 @@ async def test_the_k8s_nats_config_forms_a_jetstream_cluster(nats_cluster: list[
         await nc.close()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="EventBus.ensure_streams sets no num_replicas: it creates R1 streams and scales an "
-    "existing R3 stream down to R1 on every service start (shared change: a stream_replicas "
-    "setting, TUNELOOP_STREAM_REPLICAS=3 in k8s)",
-)
 async def test_services_keep_the_pipeline_stream_replicated(nats_cluster: list[str]) -> None:
     prefix = "deployr3"
-    bus = EventBus(BusSettings(nats_url=nats_cluster[0], prefix=prefix), service="deploycheck")
+    settings = BusSettings(nats_url=nats_cluster[0], prefix=prefix, stream_replicas=3)
+    bus = EventBus(settings, service="deploycheck")
     config = StreamConfig(name=bus.ns.stream, subjects=[bus.ns.all_subjects], num_replicas=3)
     assert await _add_stream_when_cluster_is_ready(nats_cluster[0], config) == 3
     await bus.start()  # what every service does at start-up
