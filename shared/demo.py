@@ -166,7 +166,8 @@ async def send_traffic(
     stop: asyncio.Event,
     *,
     model: str = "tuneloop",
-    concurrency: int = 3,
+    concurrency: int = 2,
+    pause_s: float = 0.25,
     system_prompt: str | None = None,
 ) -> None:
     """Production-like traffic through the gateway: many users, feedback on each answer."""
@@ -205,6 +206,8 @@ async def send_traffic(
                 result.request_errors += 1
                 await asyncio.sleep(0.5)
             result.requests_sent += 1
+            # Steady, modest load: on 2 cores the engines share the CPU with training.
+            await asyncio.sleep(pause_s)
 
     await asyncio.gather(*(one_user(i) for i in range(concurrency)))
     await client.close()
