@@ -66,6 +66,7 @@ class InferenceRuntime(ServiceRuntime):
             settings=self.settings,
         )
         self._baseline_task: asyncio.Task[Any] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
         self.bus.subscribe(
             AdapterQuantized,
             self._on_adapter_quantized,
@@ -85,6 +86,8 @@ class InferenceRuntime(ServiceRuntime):
         await self.db.migrate()
         await self.rollout.restore()
         await super().start()
+        if self.settings.watch_interval_s > 0:
+            self._watch_task = asyncio.create_task(self._watch(), name="inference-watch")
         if self.settings.baseline_model:
             self._baseline_task = asyncio.create_task(
                 self._deploy_baseline(self.settings.baseline_model), name="inference-baseline"
@@ -99,15 +102,28 @@ class InferenceRuntime(ServiceRuntime):
         if row is not None:
             log.info("baseline %s: %s %s", base_model, row.id, row.status)
 
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.watch_interval_s)
+            try:
+                await self.rollout.heal()
+            except Exception:  # the next round tries again
+                log.exception("engine watch failed")
+
+    async def _cancel_tasks(self) -> None:
+        for task in (self._baseline_task, self._watch_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._baseline_task = self._watch_task = None
+
     async def wait_baseline(self) -> None:
         if self._baseline_task is not None:
             await asyncio.shield(self._baseline_task)
 
     async def stop(self) -> None:
-        if self._baseline_task is not None:
-            self._baseline_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._baseline_task
+        await self._cancel_tasks()
         await self.relay.stop()
         await self.bus.close()  # no new work while the engines go down
         try:
@@ -120,10 +136,7 @@ class InferenceRuntime(ServiceRuntime):
     async def abandon(self) -> None:
         """Stop this process's service side and leave the engines running, as a crash would
         (tests use it to check that the next start re-adopts them)."""
-        if self._baseline_task is not None:
-            self._baseline_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._baseline_task
+        await self._cancel_tasks()
         await super().stop()
         await self.client.close()
 

@@ -23,7 +23,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.inference.engines.base import EngineBackend, EngineHandle, EngineSpec
+from services.inference.engines.base import (
+    EngineBackend,
+    EngineHandle,
+    EngineSpec,
+    EngineStartError,
+)
 from services.inference.engines.client import EngineClient, EngineError
 from services.inference.engines.profiles import EngineProfile, get_profile
 from services.inference.handlers import (
@@ -276,7 +281,10 @@ class Rollout:
         kind = plan.engine_kind
         old_endpoint = row.endpoint
         announced = row.ready_at is not None
-        handle = await self.backend.start(self._spec(row, files, kind))
+        try:
+            handle = await self.backend.start(self._spec(row, files, kind))
+        except EngineStartError as exc:
+            return await self._fail(row, f"engine could not start: {exc}", False, cause)
         row.pid, row.port, row.endpoint = handle.pid, handle.port, handle.endpoint
         row.k8s_name = handle.k8s_name
         row.log_path = str(handle.log_path) if handle.log_path else None
@@ -563,6 +571,35 @@ class Rollout:
             tokenizer = str(Path(path).parent)
         log.info("restarting %s (%s)", row.id, row.status)
         await self._start(row, ModelFiles(model_path=path, tokenizer=tokenizer), plan, cause=None)
+
+    async def heal(self) -> list[str]:
+        """Restart engines that died while they should be serving (same port, so the
+        endpoint the gateway holds stays valid). Returns the deployment ids restarted."""
+        healed: list[str] = []
+        async with self.lock:
+            for row in await self.deployments(live_only=True):
+                if not (row.has_engine and row.status == "ready" and row.mode == self.backend.mode):
+                    continue
+                if self.backend.alive(self.handle_of(row)):
+                    continue
+                log.warning("engine of %s (pid %s) died: restarting it", row.id, row.pid)
+                try:
+                    await self._restore_one(row)
+                except Exception as exc:
+                    log.exception("restarting %s failed", row.id)
+                    row = await self.get(row.id) or row
+                    row.status, row.reason, row.pid = "gone", f"restart failed: {exc!r}", None
+                    await self._save(row)
+                healed.append(row.id)
+            # LoRAs whose engine came back need loading again.
+            for row in await self.deployments(live_only=True):
+                if (
+                    row.host_deployment_id
+                    and row.status == "ready"
+                    and row.host_deployment_id in healed
+                ):
+                    await self._restore_one(row)
+        return healed
 
     async def shutdown(self) -> None:
         """Service stopping: stop the engines (unless configured to leave them running)."""

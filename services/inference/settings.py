@@ -58,6 +58,8 @@ class InferenceSettings(BaseSettings):
     enable_lora: bool = True
     max_loras: int = Field(default=4, ge=1, le=64)
     max_lora_rank: int = Field(default=64, ge=1, le=512)
+    # How often engines that should be serving are checked (a dead one is restarted); 0 = never.
+    watch_interval_s: float = Field(default=15.0, ge=0)
     # Stop the engines when the service stops (a crash leaves them for the next start to adopt).
     stop_engines_on_exit: bool = True
     # k8s mode

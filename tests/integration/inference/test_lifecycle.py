@@ -6,6 +6,7 @@ budget, failures and hostile input."""
 from __future__ import annotations
 
 import os
+import signal
 import uuid
 from pathlib import Path
 
@@ -36,6 +37,18 @@ def common(nats_server, prefix, database_url, tmp_path, span_file):
         nats_url=nats_server.url,
         prefix=prefix,
         database_url=database_url,
+        home=tmp_path / "home",
+        store_url=(tmp_path / "store").as_uri(),
+    )
+
+
+@pytest.fixture
+def sqlite_common(nats_server, prefix, tmp_path, span_file):
+    """For tests whose subject is not the database (the CLI): SQLite only."""
+    return service_settings(
+        nats_url=nats_server.url,
+        prefix=prefix,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}",
         home=tmp_path / "home",
         store_url=(tmp_path / "store").as_uri(),
     )
@@ -97,15 +110,18 @@ async def test_gguf_rollout_is_idempotent_readopted_after_crash_and_restarted_af
     assert [(r.id, r.pid) for r in rows] == [(row.id, row.pid)]
     assert len(await events_of(nats_server.url, prefix, ModelDeployed)) == 1
 
-    # HTTP side: listing, one deployment, hostile ids.
-    from fastapi.testclient import TestClient
+    # HTTP side (in this event loop: the DB engine belongs to it): listing, hostile ids.
+    import httpx
 
-    with TestClient(runtime.http) as http:
-        assert [d["id"] for d in http.get("/deployments").json()] == [row.id]
-        assert http.get(f"/deployments/{row.id}").json()["status"] == "ready"
-        assert http.get("/deployments/" + "x" * 5000).status_code == 404
-        assert http.get("/deployments/..%2F..%2Fetc%2Fpasswd").status_code == 404
-        assert http.get("/deployments/' OR 1=1 --").status_code == 404
+    transport = httpx.ASGITransport(app=runtime.http)
+    async with httpx.AsyncClient(transport=transport, base_url="http://svc") as http:
+        assert [d["id"] for d in (await http.get("/deployments")).json()] == [row.id]
+        assert (await http.get(f"/deployments/{row.id}")).json()["status"] == "ready"
+        assert (await http.get("/deployments?live=true")).json()[0]["id"] == row.id
+        assert (await http.get("/deployments/" + "x" * 5000)).status_code == 404
+        assert (await http.get("/deployments/..%2F..%2Fetc%2Fpasswd")).status_code == 404
+        assert (await http.get("/deployments/' OR 1=1 --")).status_code == 404
+        assert (await http.get("/deployments?live=maybe")).status_code == 422
 
     # A crash of the service (engines survive) → the next start re-adopts, starts nothing.
     await runtime.abandon()
@@ -119,15 +135,30 @@ async def test_gguf_rollout_is_idempotent_readopted_after_crash_and_restarted_af
     await eventually(lambda: not pid_alive(row.pid), timeout_s=30, what="engine stopped")
     [stopped] = await again.rollout.deployments()
     assert stopped.status == "stopped"
-    third = await make_runtime(common, settings)
+    third = await make_runtime(common, inference_settings(watch_interval_s=0.5))
     [restarted] = await third.rollout.deployments()
     assert restarted.status == "ready" and restarted.pid != row.pid
     assert restarted.endpoint == row.endpoint
     assert (await completion(restarted.endpoint or "", "tuneloop")).strip()
     # Same endpoint: the gateway's route still holds, nothing new to announce.
     assert len(await events_of(nats_server.url, prefix, ModelDeployed)) == 1
+
+    # An engine that dies while serving is restarted, on the same endpoint.
+    assert restarted.pid is not None
+    os.killpg(restarted.pid, signal.SIGKILL)
+
+    async def healed() -> bool:
+        now = await third.rollout.get(row.id)
+        return bool(
+            now and now.status == "ready" and now.pid != restarted.pid and pid_alive(now.pid)
+        )
+
+    await eventually(healed, timeout_s=120, what="engine restarted by the watch")
+    assert (await completion(restarted.endpoint or "", "tuneloop")).strip()
+    assert len(await events_of(nats_server.url, prefix, ModelDeployed)) == 1
+    last = await third.rollout.get(row.id)
     await third.stop()
-    assert not pid_alive(restarted.pid)
+    assert last is not None and not pid_alive(last.pid)
 
 
 async def _acked_all(nats_url: str, stream: str) -> bool:
@@ -190,57 +221,35 @@ async def test_promotion_keeps_stable_and_previous_warm_retires_older_and_bounds
     live = [r for r in rows.values() if r.status == "ready"]
     assert len(live) == 3 and all(pid_alive(r.pid) for r in live)
 
-    # Each promotion retires what is older than the previous stable; eviction only ever
-    # takes a plain candidate.
-    await publish(
-        common,
-        RolloutChanged(
-            run_id="run-x",
-            producer="gateway",
-            served_model_name="tuneloop",
-            deployment_id=ids[5],
-            action="promoted",
-            weight=1.0,
-        ),
+
+async def test_a_missing_engine_environment_is_a_clear_failure_not_a_retry_loop(
+    common, make_runtime, tiny_model, nats_server, prefix, tmp_path
+):
+    runtime = await make_runtime(
+        common, inference_settings(vllm_python=tmp_path / "no-venv" / "python")
     )
-    await eventually(lambda: _eq(_rank_of(runtime, ids[5]), 0), timeout_s=30, what="m5 promoted")
-    # Now m5 stable, m3 previous, m2 retired: a slot is free for m6.
-    await publish(common, quantized(artifact, format="gguf-q4_k_m", model_id="m6"))
-    assert isinstance(await outcome(nats_server.url, prefix, "m6", 120), ModelDeployed)
-    await publish(
-        common,
-        RolloutChanged(
-            run_id="run-x",
-            producer="gateway",
-            served_model_name="tuneloop",
-            deployment_id=(await outcome(nats_server.url, prefix, "m6")).deployment_id,
-            action="promoted",
-            weight=1.0,
-        ),
-    )
-    await eventually(lambda: _eq(_rank_of(runtime, ids[5]), 1), timeout_s=30, what="m6 stable")
-    await publish(common, quantized(artifact, format="gguf-q4_k_m", model_id="m7"))
-    out = await outcome(nats_server.url, prefix, "m7", 120)
-    assert isinstance(out, ModelDeployed)  # m3 was retired by m6's promotion
-    await publish(common, quantized(artifact, format="gguf-q4_k_m", model_id="m8"))
-    out = await outcome(nats_server.url, prefix, "m8", 120)
-    assert isinstance(out, ModelDeployed)  # m7 (a plain candidate) was evicted for it
+    artifact = await upload(runtime.store, tiny_model)
+    await publish(common, quantized(artifact, model_id="m-novenv"))
+    failed = await outcome(nats_server.url, prefix, "m-novenv", 60)
+    assert isinstance(failed, DeploymentFailed) and "setup.sh --vllm" in failed.reason
+    [row] = await runtime.rollout.deployments()
+    assert row.status == "failed" and row.pid is None
 
 
 async def test_cli_deploys_by_hand_and_lists_deployments(
-    common, make_runtime, gguf_model_dir, nats_server, prefix
+    sqlite_common, make_runtime, gguf_model_dir, nats_server, prefix
 ):
     import asyncio
     import sys
 
-    await make_runtime(common, inference_settings())
+    await make_runtime(sqlite_common, inference_settings())
     env = {
         **os.environ,
-        "TUNELOOP_HOME": str(common.home),
-        "TUNELOOP_NATS_URL": common.nats_url,
-        "TUNELOOP_SUBJECT_PREFIX": common.subject_prefix,
-        "DATABASE_URL": common.database_url,
-        "TUNELOOP_ARTIFACT_STORE_URL": common.artifact_store_url,
+        "TUNELOOP_HOME": str(sqlite_common.home),
+        "TUNELOOP_NATS_URL": sqlite_common.nats_url,
+        "TUNELOOP_SUBJECT_PREFIX": sqlite_common.subject_prefix,
+        "DATABASE_URL": sqlite_common.database_url,
+        "TUNELOOP_ARTIFACT_STORE_URL": sqlite_common.artifact_store_url,
         "COLUMNS": "250",
     }
     tuneloop = str(Path(sys.executable).parent / "tuneloop")
