@@ -93,6 +93,8 @@ class GatewayService:
             http=_http_impl(),
             timeout_keep_alive=75,
             backlog=4096,
+            # On SIGTERM, in-flight answers (long streams too) get this long to finish.
+            timeout_graceful_shutdown=30,
         )
         server = uvicorn.Server(config)
         task = asyncio.create_task(server.serve())

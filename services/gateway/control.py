@@ -86,6 +86,7 @@ class GatewayState:
         )
         self._routes_version: tuple[Any, ...] | None = None
         self._wake = asyncio.Event()
+        self._sync_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self.canary_ids: frozenset[str] = frozenset()
         # Feedback that arrived before its interaction was written: id -> give-up time.
@@ -181,7 +182,14 @@ class GatewayState:
     # ------------------------------------------------------------------ sync from the DB
 
     async def sync_once(self, force: bool = False) -> bool:
-        """Reload routes and keys if their tables changed. Returns whether routes changed."""
+        """Reload routes and keys if their tables changed. Returns whether routes changed.
+
+        Serialised: a periodic sync that read the tables before a change committed must not
+        install its older view after the change's own (forced) sync."""
+        async with self._sync_lock:
+            return await self._sync(force)
+
+    async def _sync(self, force: bool) -> bool:
         async with self.db.session() as session:
             await self.keys.reload(session, force=force)
             result = await session.exec(

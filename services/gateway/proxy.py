@@ -619,6 +619,7 @@ class ProxyApp:
                 data=self._upstream_body(body, raw, upstream),
                 headers=headers,
                 timeout=timeout,
+                allow_redirects=False,  # a proxy passes redirects on, it never follows them
             )
         except aiohttp.ConnectionTimeoutError as exc:
             raise UpstreamFailed(f"connect timeout: {exc!r}") from exc

@@ -28,6 +28,8 @@ FAST = {
     "step_min_requests": 6,
     "step_min_seconds": 0.0,
     "slo_min_samples": 5,
+    # A loaded CI machine makes latency noisy: only a gross p95 regression counts here.
+    "slo_p95_slack_ms": 400.0,
     "control_interval_s": 0.05,
     "sync_interval_s": 0.1,
     "capture_flush_s": 0.05,

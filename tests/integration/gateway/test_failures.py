@@ -85,13 +85,39 @@ async def test_failover_deadline_outage_midstream_and_disconnect(
             gw.state.settings.step_min_requests = 10_000
             canary.drop_connection = True
             answered = set()
-            for i in range(30):
+            for i in range(80):
                 r = await http.post(
                     "/v1/chat/completions", headers=headers, json={**ok, "user": f"u{i}"}
                 )
                 assert r.status_code == 200
                 answered.add(r.headers["x-tuneloop-deployment"])
             assert canary.calls > 0 and answered == {"stable-1"}
+            await eventually(lambda: gw.state.routes[MODEL].canary is None, what="rolled back")
+
+            # A canary that answers, but far slower than stable: rolled back on latency.
+            slow = await upstreams("slow")
+            slow.delay_s = 1.5
+            gw.state.settings.upstream_timeout_s = 10.0  # slow, not past the deadline
+            dep = await pipeline.deployed("slow-1", slow, "candidate")
+            await eventually(lambda: "slow-1" in gw.state.rows, what="slow registered")
+            await pipeline.evaluated(dep, passed=True)
+            await eventually(lambda: gw.state.routes[MODEL].canary is not None, what="canary")
+            for _ in range(4):
+                for _ in range(3):  # stable's reference window
+                    await http.post("/v1/chat/completions", headers=headers, json=ok)
+                results = await asyncio.gather(
+                    *(
+                        http.post(
+                            "/v1/chat/completions", headers=headers, json={**ok, "user": f"s{i}"}
+                        )
+                        for i in range(30)
+                    )
+                )
+                assert all(r.status_code == 200 for r in results)
+                if gw.state.rows["slow-1"].state == "rolled_back":
+                    break
+            assert gw.state.rows["slow-1"].state == "rolled_back"
+            assert "p95 latency" in gw.state.rows["slow-1"].reason
 
             # The client goes away: the upstream request is cancelled (non-stream and stream).
             stable.hang = True
