@@ -54,20 +54,17 @@ class ChunkJob:
 
 
 @dataclass
-class Kept:
-    position: int
-    record_id: str
-    line: bytes  # the output JSON line, newline included
-    key: bytes
-    category: str
-    source: str
-    input_chars: int
-    output_chars: int
-
-
-@dataclass
 class ChunkResult:
-    kept: list[Kept] = field(default_factory=list)
+    """Column per field, so that sending it back from a worker is cheap to (un)pickle."""
+
+    positions: list[int] = field(default_factory=list)
+    record_ids: list[str] = field(default_factory=list)
+    lines: list[bytes] = field(default_factory=list)  # output JSON lines, newline included
+    exact_keys: bytes = b""  # 8 bytes per kept record: the first 64 bits of its exact key
+    categories: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    input_chars: list[int] = field(default_factory=list)
+    output_chars: list[int] = field(default_factory=list)
     rejected: list[tuple[int, str, str]] = field(default_factory=list)
     pii: Counter[str] = field(default_factory=Counter)
     # Per kept record: LSH band keys and the low 8 bits of the MinHash signature.
@@ -177,20 +174,28 @@ def process_chunk(job: ChunkJob) -> ChunkResult:
         result.pii = scrubber.counts
 
     texts: list[bytes] = []
+    keys: list[bytes] = []
     for position, record, messages, input_chars, output_chars in valid:
         category = label(record, "category", "domain") or job.domain or "general"
         source = label(record, "source") or job.source
         lowered = dedupe.conversation_text(messages)
         key = dedupe.exact_key(lowered)
         record_id = (label(record, "id") if job.trusted else None) or f"r{key.hex()[:24]}"
-        line = orjson.dumps(
-            {"id": record_id, "messages": messages, "category": category, "source": source},
-            option=orjson.OPT_APPEND_NEWLINE,
+        result.lines.append(
+            orjson.dumps(
+                {"id": record_id, "messages": messages, "category": category, "source": source},
+                option=orjson.OPT_APPEND_NEWLINE,
+            )
         )
-        result.kept.append(
-            Kept(position, record_id, line, key, category, source, input_chars, output_chars)
-        )
+        result.positions.append(position)
+        result.record_ids.append(record_id)
+        keys.append(key[:8])
+        result.categories.append(category)
+        result.sources.append(source)
+        result.input_chars.append(input_chars)
+        result.output_chars.append(output_chars)
         texts.append(lowered)
+    result.exact_keys = b"".join(keys)
     if rules.near_dedupe and texts:
         sigs = dedupe.signatures(texts, num_perm=rules.num_perm)
         result.band_keys = dedupe.band_keys(sigs, rules.bands, rules.rows)

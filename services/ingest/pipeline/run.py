@@ -245,10 +245,9 @@ class Pipeline:
         if not self._files or self._files[-1] != name:
             self._files.append(name)
         file_index = len(self._files) - 1
-        recs = result.kept
-        n = len(recs)
+        n = len(result.positions)
         # Exact duplicates of kept records (index) and of earlier records of this chunk.
-        exact = np.frombuffer(b"".join(r.key[:8] for r in recs), dtype="<u8")
+        exact = np.frombuffer(result.exact_keys, dtype="<u8")
         earlier = self.exact.lookup(exact)
         _, first_in_chunk, inverse = np.unique(exact, return_index=True, return_inverse=True)
         first_in_chunk = first_in_chunk[inverse]
@@ -260,15 +259,17 @@ class Pipeline:
         rows = np.full(n, -1, dtype=np.int64)
         lines: list[bytes] = []
         meta, intern = self.meta, self._interned
-        for i, rec in enumerate(recs):
+        positions = result.positions
+        for i in range(n):
+            position = positions[i]
             if earlier[i] >= 0:
                 why = f"duplicate of {self._label(int(earlier[i]))}"
-                self._reject(name, rec.position, "exact_duplicate", why)
+                self._reject(name, position, "exact_duplicate", why)
                 continue
             j = int(first_in_chunk[i])
             if j != i:
-                why = f"duplicate of {name}:{recs[j].position}"
-                self._reject(name, rec.position, "exact_duplicate", why)
+                why = f"duplicate of {name}:{positions[j]}"
+                self._reject(name, position, "exact_duplicate", why)
                 continue
             row = len(meta.ids)
             if near and keys is not None and sigs is not None and check[i]:
@@ -278,22 +279,23 @@ class Pipeline:
                 similar = self.near.similar(candidates, sigs[i])
                 if similar is not None:
                     why = f"near-duplicate of {self._label(similar)}"
-                    self._reject(name, rec.position, "near_duplicate", why)
+                    self._reject(name, position, "near_duplicate", why)
                     continue
                 for b, key in enumerate(band_row):
                     if found[i, b] < 0:
                         pending.setdefault(key, row)
                 self.near.store(np.asarray([row]), sigs[i : i + 1])
             rows[i] = row
-            lines.append(rec.line)
-            meta.ids.append(rec.record_id)
-            meta.categories.append(intern.setdefault(rec.category, rec.category))
-            meta.sources.append(intern.setdefault(rec.source, rec.source))
-            meta.input_chars.append(rec.input_chars)
-            meta.output_chars.append(rec.output_chars)
+            lines.append(result.lines[i])
+            meta.ids.append(result.record_ids[i])
+            category, source = result.categories[i], result.sources[i]
+            meta.categories.append(intern.setdefault(category, category))
+            meta.sources.append(intern.setdefault(source, source))
+            meta.input_chars.append(result.input_chars[i])
+            meta.output_chars.append(result.output_chars[i])
             meta.fixed_split.append(split_code)
             meta.file.append(file_index)
-            meta.position.append(rec.position)
+            meta.position.append(position)
         kept = rows >= 0
         self.exact.add(exact[kept], rows[kept])
         if near and keys is not None and sigs is not None:

@@ -124,9 +124,9 @@ def test_length_bounds_are_configurable_and_reported():
         (1, "input_too_short"),
         (2, "output_too_long"),
     ]
-    assert [k.position for k in result.kept] == [3]
+    assert result.positions == [3]
     relaxed = _run([(1, short)], "alpaca", min_input_chars=5)
-    assert len(relaxed.kept) == 1
+    assert len(relaxed.positions) == 1
 
 
 def test_broken_lines_are_reported_with_line_numbers_and_the_rest_kept(tmp_path: Path):
@@ -138,7 +138,7 @@ def test_broken_lines_are_reported_with_line_numbers_and_the_rest_kept(tmp_path:
     path.write_bytes(b"\n".join(lines) + b"\n")
     result = _run(list(iter_items(path)), "alpaca")
     assert [(pos, code) for pos, code, _ in result.rejected] == [(3, "parse"), (5, "parse")]
-    assert len(result.kept) == 5
+    assert len(result.positions) == 5
 
 
 def test_json_arrays_and_gzip_are_streamed(tmp_path: Path):
@@ -149,7 +149,7 @@ def test_json_arrays_and_gzip_are_streamed(tmp_path: Path):
     gz.write_bytes(gzip.compress(b"\n".join(orjson.dumps(r) for r in rows)))
     parsed = list(iter_items(arr))
     assert [pos for pos, _ in parsed] == [1, 2, 3]
-    assert parsed[0][1]["conversations"][0]["value"] == P + "0"
+    assert orjson.loads(parsed[0][1])["conversations"][0]["value"] == P + "0"
     assert len(list(iter_items(gz))) == 3
 
 
@@ -185,8 +185,8 @@ def test_answers_with_error_text_are_rejected_in_a_chunk():
         (2, "error_text"),
         (3, "error_text"),
     ]
-    assert [k.position for k in result.kept] == [1, 4]
-    assert len(_run(items, None, reject_error_text=False).kept) == 4
+    assert result.positions == [1, 4]
+    assert len(_run(items, None, reject_error_text=False).positions) == 4
 
 
 def test_a_byte_order_mark_is_skipped(tmp_path: Path):
@@ -197,4 +197,4 @@ def test_a_byte_order_mark_is_skipped(tmp_path: Path):
     arr.write_bytes(b"\xef\xbb\xbf" + orjson.dumps(rows))
     for path in (jsonl, arr):
         result = _run(list(iter_items(path)), "alpaca")
-        assert len(result.kept) == 1 and not result.rejected
+        assert len(result.positions) == 1 and not result.rejected
