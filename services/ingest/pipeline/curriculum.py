@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import heapq
 import math
-import random
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 DESCRIPTIONS = {
     "A": "domain blocks: each domain's records together, share proportional to size",
@@ -40,13 +41,12 @@ def quotas(total: int, weights: Mapping[str, float]) -> dict[str, int]:
     return {n: out.get(n, 0) for n in weights}
 
 
-def _take(records: list[str], count: int, rng: random.Random) -> list[str]:
+def _take(records: list[str], count: int, rng: np.random.Generator) -> list[str]:
     """``count`` records: whole shuffled passes over ``records``, then a partial one."""
     out: list[str] = []
     while len(out) < count:
-        batch = list(records)
-        rng.shuffle(batch)
-        out.extend(batch[: count - len(out)])
+        order = rng.permutation(len(records))[: count - len(out)]
+        out.extend(records[i] for i in order.tolist())
     return out
 
 
@@ -76,7 +76,7 @@ def build_manifests(
     sizes = {d: len(r) for d, r in by_domain.items()}
     manifests: dict[str, dict[str, Any]] = {}
 
-    rng = random.Random(f"{seed}:A")
+    rng = np.random.default_rng([seed % 2**32, 0])
     target_a = targets.get("A", n)
     order_a: list[str] = []
     for domain, count in sorted(quotas(target_a, sizes).items()):
@@ -88,13 +88,13 @@ def build_manifests(
         "record_ids": order_a,
     }
 
-    rng = random.Random(f"{seed}:B")
+    rng = np.random.default_rng([seed % 2**32, 1])
     weights = phase_b_weights(sizes, domain_weights, temperature)
     placed: list[tuple[float, str]] = []
     for domain, count in sorted(quotas(targets.get("B", n), weights).items()):
         picks = _take(by_domain[domain], count, rng)
         # Evenly spaced positions with a random phase: domains interleave smoothly.
-        phase = rng.random()
+        phase = float(rng.random())
         placed += [((k + phase) / count, rid) for k, rid in enumerate(picks)]
     placed.sort()
     manifests["B"] = {
@@ -104,7 +104,7 @@ def build_manifests(
         "record_ids": [rid for _, rid in placed],
     }
 
-    rng = random.Random(f"{seed}:C")
+    rng = np.random.default_rng([seed % 2**32, 2])
     target_c = targets.get("C", max(1, math.ceil(n * stress_fraction)) if n else 0)
     # Longest first; ties by id so the choice never depends on input order.
     longest = heapq.nsmallest(min(target_c, n), range(n), key=lambda i: (-lengths[i], ids[i]))

@@ -23,6 +23,7 @@ from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
+from itertools import compress
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +247,7 @@ class Pipeline:
             self._files.append(name)
         file_index = len(self._files) - 1
         n = len(result.positions)
+        positions = result.positions
         # Exact duplicates of kept records (index) and of earlier records of this chunk.
         exact = np.frombuffer(result.exact_keys, dtype="<u8")
         earlier = self.exact.lookup(exact)
@@ -253,50 +255,64 @@ class Pipeline:
         first_in_chunk = first_in_chunk[inverse]
         keys, sigs = result.band_keys, result.signatures
         near = self.rules.near_dedupe and keys is not None and sigs is not None
+        suspect = (earlier >= 0) | (first_in_chunk != np.arange(n))
         if near and keys is not None:
             found, check = self.near.check_chunk(keys)
+            suspect |= check
+        # Only suspects are looked at one by one; every other record is kept as it is.
+        base = len(self.meta.ids)
+        rejected = np.zeros(n, dtype=bool)
         pending: dict[int, int] = {}  # bands of this chunk's checked, kept rows → row
-        rows = np.full(n, -1, dtype=np.int64)
-        lines: list[bytes] = []
-        meta, intern = self.meta, self._interned
-        positions = result.positions
-        for i in range(n):
+        chunk_index: dict[int, int] = {}  # row → index in this chunk, for their labels
+        dropped = 0
+        for i in np.flatnonzero(suspect).tolist():
             position = positions[i]
+            why = ""
             if earlier[i] >= 0:
                 why = f"duplicate of {self._label(int(earlier[i]))}"
+            elif first_in_chunk[i] != i:
+                why = f"duplicate of {name}:{positions[int(first_in_chunk[i])]}"
+            if why:
                 self._reject(name, position, "exact_duplicate", why)
+                rejected[i] = True
+                dropped += 1
                 continue
-            j = int(first_in_chunk[i])
-            if j != i:
-                why = f"duplicate of {name}:{positions[j]}"
-                self._reject(name, position, "exact_duplicate", why)
-                continue
-            row = len(meta.ids)
+            row = base + i - dropped
             if near and keys is not None and sigs is not None and check[i]:
                 band_row = keys[i].tolist()
                 candidates = {c for c in found[i].tolist() if c >= 0}
                 candidates.update(pending[k] for k in band_row if k in pending)
                 similar = self.near.similar(candidates, sigs[i])
                 if similar is not None:
-                    why = f"near-duplicate of {self._label(similar)}"
-                    self._reject(name, position, "near_duplicate", why)
+                    where = (
+                        f"{name}:{positions[chunk_index[similar]]}"
+                        if similar in chunk_index
+                        else self._label(similar)
+                    )
+                    self._reject(name, position, "near_duplicate", f"near-duplicate of {where}")
+                    rejected[i] = True
+                    dropped += 1
                     continue
                 for b, key in enumerate(band_row):
                     if found[i, b] < 0:
                         pending.setdefault(key, row)
+                chunk_index[row] = i
                 self.near.store(np.asarray([row]), sigs[i : i + 1])
-            rows[i] = row
-            lines.append(result.lines[i])
-            meta.ids.append(result.record_ids[i])
-            category, source = result.categories[i], result.sources[i]
-            meta.categories.append(intern.setdefault(category, category))
-            meta.sources.append(intern.setdefault(source, source))
-            meta.input_chars.append(result.input_chars[i])
-            meta.output_chars.append(result.output_chars[i])
-            meta.fixed_split.append(split_code)
-            meta.file.append(file_index)
-            meta.position.append(position)
-        kept = rows >= 0
+        kept = ~rejected
+        rows = np.full(n, -1, dtype=np.int64)
+        rows[kept] = base + np.arange(int(kept.sum()))
+        take = kept.tolist()
+        meta, intern = self.meta, self._interned
+        lines = list(compress(result.lines, take))
+        meta.ids.extend(compress(result.record_ids, take))
+        meta.categories.extend(intern.setdefault(c, c) for c in compress(result.categories, take))
+        meta.sources.extend(intern.setdefault(c, c) for c in compress(result.sources, take))
+        meta.input_chars.extend(compress(result.input_chars, take))
+        meta.output_chars.extend(compress(result.output_chars, take))
+        meta.position.extend(compress(positions, take))
+        count = len(lines)
+        meta.fixed_split.extend(bytes([split_code]) * count)
+        meta.file.extend([file_index] * count)
         self.exact.add(exact[kept], rows[kept])
         if near and keys is not None and sigs is not None:
             bulk = kept & ~check
@@ -309,7 +325,7 @@ class Pipeline:
                 )
         self._spool.writelines(lines)
         stats["read"] += n + len(result.rejected)
-        stats["kept"] += int(kept.sum())
+        stats["kept"] += count
         self.timings["dedupe_and_spool"] += time.perf_counter() - started
         if self.progress:
             self.progress(n + len(result.rejected))
