@@ -15,8 +15,9 @@ from fastapi import HTTPException
 from services.inference.engines.base import EngineBackend
 from services.inference.engines.client import EngineClient
 from services.inference.engines.local import LocalEngines
-from services.inference.rollout import Rollout, describe
+from services.inference.lifecycle import Rollout
 from services.inference.settings import InferenceSettings
+from services.inference.state import describe
 from shared.bus import Delivery
 from shared.events import AdapterQuantized, RolloutChanged
 from shared.service import ServiceRuntime, run_service

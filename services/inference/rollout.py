@@ -9,28 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
-import re
 import time
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
-from pathlib import Path
-from typing import Any, Protocol, get_args
+from typing import Any
 from uuid import uuid4
 
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import col, select
-from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.inference.engines.base import (
-    EngineBackend,
-    EngineHandle,
-    EngineSpec,
-    EngineStartError,
-)
-from services.inference.engines.client import EngineClient, EngineError
-from services.inference.engines.profiles import EngineProfile, get_profile
+from services.inference.engines.base import EngineHandle, EngineSpec, EngineStartError
+from services.inference.engines.client import EngineError
 from services.inference.handlers import (
     ModelFiles,
     Plan,
@@ -38,11 +25,10 @@ from services.inference.handlers import (
     inspect_model,
     pick_eviction,
     plan_for,
-    promote,
 )
-from services.inference.models import LIVE_STATUSES, Deployment
-from services.inference.settings import InferenceSettings
-from shared.db import Database, utcnow
+from services.inference.models import Deployment
+from services.inference.state import PRODUCER, DeploymentState, announced_engine, safe_id
+from shared.db import utcnow
 from shared.events import (
     AdapterQuantized,
     ArtifactRef,
@@ -50,116 +36,18 @@ from shared.events import (
     Engine,
     Event,
     ModelDeployed,
-    RolloutChanged,
 )
-from shared.storage import ArtifactCorrupted, ArtifactError, ArtifactNotFound, ArtifactStore
+from shared.storage import ArtifactCorrupted, ArtifactError, ArtifactNotFound
 
 log = logging.getLogger(__name__)
-
-PRODUCER = "inference"
-_UNSAFE = re.compile(r"[^A-Za-z0-9._:\-]")
-
-
-class Outbox(Protocol):
-    def transaction(self) -> AbstractAsyncContextManager[AsyncSession]: ...
-
-    def emit(self, session: AsyncSession, event: Event) -> None: ...
 
 
 class CapacityFull(RuntimeError):
     """Every engine slot holds a deployment that must stay; retry later."""
 
 
-def safe_id(text: str, *, prefix: str = "") -> str:
-    cleaned = _UNSAFE.sub("-", text).strip("-.:") or "model"
-    if len(prefix + cleaned) > 120:
-        digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-        cleaned = cleaned[: 120 - len(prefix) - 13] + "-" + digest
-    return prefix + cleaned
-
-
-def announced_engine(kind: str, profile: EngineProfile) -> Engine:
-    """What ModelDeployed says: ``vllm`` on a GPU, ``vllm-cpu`` without; llama.cpp is named
-    once the shared contract has a value for it (until then: ``vllm-cpu``, and the table
-    says ``llama-cpp``)."""
-    if kind == "llama-cpp" and "llama-cpp" in get_args(Engine):
-        return "llama-cpp"  # type: ignore[return-value]
-    return "vllm" if profile.device == "gpu" else "vllm-cpu"
-
-
-class Rollout:
-    def __init__(
-        self,
-        *,
-        db: Database,
-        outbox: Outbox,
-        store: ArtifactStore,
-        backend: EngineBackend,
-        client: EngineClient,
-        settings: InferenceSettings,
-        resolve_base: Callable[[str], str] | None = None,
-    ) -> None:
-        self.db = db
-        self.outbox = outbox
-        self.store = store
-        self.backend = backend
-        self.client = client
-        self.settings = settings
-        self.line = settings.served_model_name
-        self.profile = get_profile(settings.profile_name(), settings.profile_overrides)
-        self.lock = asyncio.Lock()
-        if resolve_base is None:
-            from shared.basemodels import resolve_base_model
-
-            resolve_base = resolve_base_model
-        self.resolve_base = resolve_base
-
-    # ------------------------------------------------------------------ queries
-
-    async def deployments(self, *, live_only: bool = False) -> list[Deployment]:
-        async with self.db.session() as s:
-            query = select(Deployment).order_by(col(Deployment.created_at))
-            if live_only:
-                query = query.where(col(Deployment.status).in_(LIVE_STATUSES))
-            return list((await s.exec(query)).all())
-
-    async def get(self, deployment_id: str) -> Deployment | None:
-        async with self.db.session() as s:
-            return await s.get(Deployment, deployment_id)
-
-    async def _by_key(self, key: str) -> Deployment | None:
-        async with self.db.session() as s:
-            found = await s.exec(select(Deployment).where(col(Deployment.dedupe_key) == key))
-            return found.first()
-
-    async def _save(self, row: Deployment, *events: Event) -> None:
-        row.updated_at = utcnow()
-        async with self.outbox.transaction() as s:
-            await s.merge(row)
-            for event in events:
-                self.outbox.emit(s, event)
-
-    @staticmethod
-    def handle_of(row: Deployment) -> EngineHandle:
-        return EngineHandle(
-            deployment_id=row.id,
-            endpoint=row.endpoint or "",
-            port=row.port,
-            pid=row.pid,
-            k8s_name=row.k8s_name,
-            log_path=Path(row.log_path) if row.log_path else None,
-        )
-
-    async def healthy(self, row: Deployment) -> bool:
-        host = row
-        if row.host_deployment_id:
-            found = await self.get(row.host_deployment_id)
-            if found is None:
-                return False
-            host = found
-        if not host.endpoint or not self.backend.alive(self.handle_of(host)):
-            return False
-        return row.upstream_name in await self.client.models(host.endpoint)
+class Deployer(DeploymentState):
+    """Deploys: a model on an engine of its own, a LoRA on its base engine, the baseline."""
 
     # ------------------------------------------------------------------ rollout
 
@@ -463,30 +351,6 @@ class Rollout:
         plan = Plan("engine", "vllm", announced_engine("vllm", self.profile))
         return await self._start(row, ModelFiles(model_path=path), plan, cause=None)
 
-    # ------------------------------------------------------------------ lifecycle
-
-    async def on_rollout_changed(self, event: RolloutChanged) -> None:
-        if event.served_model_name != self.line:
-            return
-        async with self.lock:
-            rows = await self.deployments()
-            target = next((d for d in rows if d.id == event.deployment_id), None)
-            if target is None:
-                return
-            if event.action == "promoted":
-                plan = promote(rows, target.id)
-                for d in rows:
-                    rank = 0 if d.id == plan.stable else 1 if d.id == plan.previous else None
-                    if d.stable_rank != rank:
-                        d.stable_rank = rank
-                        await self._save(d)
-                for victim in plan.retire:
-                    row = await self.get(victim)
-                    if row is not None:
-                        await self._retire(row, reason=f"retired: {target.id} promoted")
-            elif event.action in ("rolled_back", "refused") and target.stable_rank is None:
-                await self._retire(target, reason=f"retired: {event.action} by the gateway")
-
     async def _retire(self, row: Deployment, *, reason: str) -> None:
         if row.host_deployment_id:
             host = await self.get(row.host_deployment_id)
@@ -505,115 +369,3 @@ class Rollout:
         row.stable_rank = None
         row.pid = None
         await self._save(row)
-
-    async def restore(self) -> None:
-        """At start-up: re-adopt engines that outlived the previous run, restart the ones that
-        should be running and are not, and mark what cannot come back as gone."""
-        async with self.lock:
-            rows = [
-                d for d in await self.deployments(live_only=True) if d.mode == self.backend.mode
-            ]
-            for row in sorted(rows, key=lambda d: (not d.has_engine, d.created_at)):
-                try:
-                    await self._restore_one(row)
-                except Exception as exc:
-                    log.exception("restoring %s failed", row.id)
-                    row = await self.get(row.id) or row
-                    if row.status in LIVE_STATUSES:
-                        row.status, row.reason, row.pid = "gone", f"restore failed: {exc!r}", None
-                        await self._save(row)
-
-    async def _restore_one(self, row: Deployment) -> None:
-        kind = "llama-cpp" if row.engine == "llama-cpp" else "vllm"
-        plan = Plan("engine", kind, announced_engine(kind, self.profile))  # type: ignore[arg-type]
-        if await self.healthy(row):
-            log.info("re-adopted %s (pid %s) at %s", row.id, row.pid, row.endpoint)
-            if row.status != "ready" and row.has_engine:  # its start was interrupted
-                announced = row.ready_at is not None
-                await self._finish_start(
-                    row, self.handle_of(row), plan, None, announced, row.endpoint
-                )
-            elif row.status != "ready":
-                row.status = "ready"
-                await self._save(row)
-            return
-        if row.has_engine and row.pid and self.backend.alive(self.handle_of(row)):
-            await self.backend.stop(self.handle_of(row))  # alive but not serving: no orphans
-        if row.host_deployment_id:
-            host = await self.get(row.host_deployment_id)
-            if host is None or host.status != "ready" or not row.model_path:
-                row.status, row.reason = "gone", "its base engine is gone"
-                await self._save(row)
-                return
-            if row.upstream_name not in await self.client.models(host.endpoint or ""):
-                await self.client.load_lora(host.endpoint or "", row.upstream_name, row.model_path)
-            row.status = "ready"
-            await self._save(row)
-            return
-        path = row.model_path
-        if not path or not await asyncio.to_thread(Path(path).exists):
-            if row.role == "baseline":
-                path = await asyncio.to_thread(self.resolve_base, row.base_model)
-            elif row.artifact_uri and row.artifact_sha256 and row.artifact_size is not None:
-                ref = ArtifactRef(
-                    uri=row.artifact_uri, sha256=row.artifact_sha256, size_bytes=row.artifact_size
-                )
-                fetched = await self.store.fetch_dir(ref)
-                fmt: Any = row.format
-                files = inspect_model(fetched, fmt, max_lora_rank=self.settings.max_lora_rank)
-                path = files.model_path
-        if not path:
-            row.status, row.reason = "gone", "model files unavailable"
-            await self._save(row)
-            return
-        tokenizer = None
-        if kind == "llama-cpp" and Path(path).parent.joinpath("tokenizer_config.json").exists():
-            tokenizer = str(Path(path).parent)
-        log.info("restarting %s (%s)", row.id, row.status)
-        await self._start(row, ModelFiles(model_path=path, tokenizer=tokenizer), plan, cause=None)
-
-    async def heal(self) -> list[str]:
-        """Restart engines that died while they should be serving (same port, so the
-        endpoint the gateway holds stays valid). Returns the deployment ids restarted."""
-        healed: list[str] = []
-        async with self.lock:
-            for row in await self.deployments(live_only=True):
-                if not (row.has_engine and row.status == "ready" and row.mode == self.backend.mode):
-                    continue
-                if self.backend.alive(self.handle_of(row)):
-                    continue
-                log.warning("engine of %s (pid %s) died: restarting it", row.id, row.pid)
-                try:
-                    await self._restore_one(row)
-                except Exception as exc:
-                    log.exception("restarting %s failed", row.id)
-                    row = await self.get(row.id) or row
-                    row.status, row.reason, row.pid = "gone", f"restart failed: {exc!r}", None
-                    await self._save(row)
-                healed.append(row.id)
-            # LoRAs whose engine came back need loading again.
-            for row in await self.deployments(live_only=True):
-                if (
-                    row.host_deployment_id
-                    and row.status == "ready"
-                    and row.host_deployment_id in healed
-                ):
-                    await self._restore_one(row)
-        return healed
-
-    async def shutdown(self) -> None:
-        """Service stopping: stop the engines (unless configured to leave them running)."""
-        if not self.settings.stop_engines_on_exit:
-            return
-        for row in await self.deployments(live_only=True):
-            if row.has_engine and row.mode == self.backend.mode and row.pid is not None:
-                await self.backend.stop(self.handle_of(row))
-                row.status = "stopped"
-                row.pid = None
-                await self._save(row)
-        await self.backend.stop_all()
-
-
-def describe(rows: list[Deployment]) -> list[dict[str, Any]]:
-    """Rows as plain dicts (CLI and HTTP)."""
-    return [json.loads(r.model_dump_json()) for r in rows]

@@ -15,8 +15,8 @@ from services.inference.engines.k8s import (
 )
 from services.inference.engines.local import llama_cpp_argv, pid_serves, vllm_argv
 from services.inference.engines.profiles import PROFILES, ProfileError, get_profile
-from services.inference.rollout import announced_engine, safe_id
 from services.inference.settings import InferenceSettings
+from services.inference.state import announced_engine, safe_id
 
 
 def spec(profile: str = "cpu", **fields) -> EngineSpec:
