@@ -371,7 +371,7 @@ def main() -> None:
             executor.shutdown()
         small_dir = Path(tmp) / "small"
         small_dir.mkdir()
-        small, small_total = make_corpus(small_dir, 0.05 * args.scale, seed=8)
+        small, small_total = make_corpus(small_dir, 0.5 * args.scale, seed=8)
         rss_small = peak_rss_of_run(small)
         rss_full = peak_rss_of_run(sources)
         per_record = (rss_full - rss_small) * 1024 * 1024 / max(1, total - small_total)
