@@ -8,8 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from services.gateway.capture import parse_response, quality_score, scrubbed_request
+from services.gateway.inputs import RequestError, trace_id_of, validate
 from services.gateway.pii import scrub
-from services.gateway.proxy import RequestError, _trace_id, validate
 from services.gateway.settings import GatewaySettings
 
 MSG = [{"role": "user", "content": "hi"}]
@@ -59,9 +59,9 @@ def test_valid_requests_pass():
 
 def test_trace_id_from_traceparent_or_fresh():
     tid = "4bf92f3577b34da6a3ce929d0e0e4736"
-    assert _trace_id([(b"traceparent", f"00-{tid}-00f067aa0ba902b7-01".encode())]) == tid
+    assert trace_id_of([(b"traceparent", f"00-{tid}-00f067aa0ba902b7-01".encode())]) == tid
     for hostile in (b"00-zz-00-01", b"00-" + b"g" * 32 + b"-00f067aa0ba902b7-01", b"", b"\xff"):
-        fresh = _trace_id([(b"traceparent", hostile)])
+        fresh = trace_id_of([(b"traceparent", hostile)])
         assert len(fresh) == 32 and fresh != tid
         int(fresh, 16)
 
