@@ -237,7 +237,11 @@ async def _publish(
     name = request.dataset_name
     if request.dry_run:
         return IngestOutcome("dry_run", name, output.dataset_id, None, output.report)
-    if output.dataset_id is None:
+    dedupe = output.report.get("dedupe", {})
+    usable = output.new_records + dedupe.get("exact", 0) + dedupe.get("near", 0)
+    if output.dataset_id is None or usable == 0:
+        # Nothing of this input passed validation (merging it with the previous version
+        # would only reproduce that version): that is a rejection, not "unchanged".
         run_id = new_run_id()
         _, report_ref = await _store_outputs(ports.store, output)
         rejected = DatasetRejected(

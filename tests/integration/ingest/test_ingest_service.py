@@ -184,6 +184,10 @@ async def test_malformed_and_hostile_uploads(ingest_service):
         assert "input_too_short" in event.reason and event.report is not None
         report = orjson.loads(await svc.runtime.store.get_bytes(event.report))
         assert report["records"]["read"] == 4
+        # Also on a line that has a version: nothing usable is a rejection, not "unchanged".
+        again = await post("/v1/datasets", files=multipart(junk), data={"name": "evil"})
+        assert again.status_code == 422
+        assert len(await svc.wait_for(DatasetRejected, 2)) == 2
 
 
 async def test_dataset_submitted_over_the_bus(ingest_service, tmp_path: Path):
