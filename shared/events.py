@@ -25,7 +25,7 @@ _ID = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,199}$"
 Stage = Literal["ingest", "trainer", "quantizer", "inference", "evaluator", "gateway"]
 TrainingMethod = Literal["dora", "qdora", "lora", "qlora"]
 ModelFormat = Literal["awq-w4a16", "gptq-w4a16", "gguf-q4_k_m", "bf16-merged", "adapter"]
-Engine = Literal["vllm", "vllm-cpu"]
+Engine = Literal["vllm", "vllm-cpu", "llama-cpp"]
 Origin = Literal["upload", "harvest"]
 
 
