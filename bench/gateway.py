@@ -236,6 +236,7 @@ async def main() -> None:
         "added p99",
         "direct rps",
         "gw rps",
+        "gw cpu/req",
     )
     print(" | ".join(f"{h:>10}" for h in head))
     print("-+-".join("-" * 10 for _ in head))
