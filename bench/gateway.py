@@ -222,7 +222,7 @@ async def main() -> None:
             nats_server.stop()
 
     print(
-        f"\ngateway vs direct upstream, loopback, 1 gateway worker, capture on; "
+        f"\ngateway vs direct upstream, loopback, 1 gateway worker, capture {args.capture}; "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
     )
     head = (
