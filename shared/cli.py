@@ -118,7 +118,7 @@ def demo(
     """The whole loop on this machine: start everything, upload a generated corpus, fine-tune,
     merge, deploy on vLLM, evaluate against the base model, canary through the gateway under
     live traffic, and print the base and fine-tuned scores side by side."""
-    from shared.demo import demo_env
+    from shared.demo import demo_env, run_demo, scoreboard
     from shared.supervisor import available_services
 
     if (home / "up.json").exists():
@@ -144,8 +144,15 @@ def demo(
     try:
         state = embedded.start()
         _print_state(state)
-        outcome = asyncio.run(_run_demo(state, embedded, train_records, timeout_s))
-        code = 0 if outcome in ("promoted", "refused by the evaluation gate") else 1
+        result = asyncio.run(
+            run_demo(
+                state, embedded, train_records=train_records, timeout_s=timeout_s, say=console.print
+            )
+        )
+        for line in scoreboard(result):
+            typer.echo(line)
+        console.print(f"trace: tuneloop trace {result.run_id} --home {state['home']}")
+        code = 0 if result.outcome in ("promoted", "refused by the evaluation gate") else 1
         while keep_running and not stopping:
             for note in embedded.supervise_once():
                 console.print(f"[yellow]{note}[/yellow]")
@@ -156,120 +163,6 @@ def demo(
         console.print("stopping...")
         embedded.stop()
     raise typer.Exit(code)
-
-
-async def _run_demo(
-    state: dict[str, Any], embedded: Embedded, train_records: int, timeout_s: float
-) -> str:
-
-    from shared import demotask
-    from shared.demo import (
-        DemoResult,
-        create_client_key,
-        describe,
-        scoreboard,
-        send_traffic,
-        upload_corpus,
-        watch_run,
-    )
-    from shared.events import Event, ModelDeployed
-    from shared.settings import DEV_ADMIN_KEY
-
-    services = state["services"]
-    for needed in ("ingest", "gateway"):
-        if needed not in services:
-            console.print(f"[red]the demo needs the {needed} service[/red]")
-            return "failed"
-    ingest_url = f"http://127.0.0.1:{services['ingest']['http_port']}"
-    gateway_url = f"http://127.0.0.1:{services['gateway']['http_port']}"
-    admin_key = os.environ.get("TUNELOOP_ADMIN_KEY", DEV_ADMIN_KEY)
-    data_dir = Path(state["home"]) / "demo"
-    corpus, _bench = demotask.write(data_dir, n_train=train_records)
-    # Production-like traffic from the train distribution (another seed): never the held-out
-    # benchmark's prompts, which the harvester would otherwise feed into the next round.
-    prompts = [
-        next(m["content"] for m in r["messages"] if m["role"] == "user")
-        for r in demotask.train_records(seed=99, n=200)
-    ]
-    started = time.monotonic()
-
-    def stamp() -> str:
-        return f"[{time.monotonic() - started:6.1f}s]"
-
-    console.print(f"{stamp()} waiting for the base model to be served (vLLM start-up)...")
-    key = await create_client_key(gateway_url, admin_key)
-    await _wait_for_stable(gateway_url, key, embedded, timeout_s=600)
-    console.print(f"{stamp()} base model is serving; uploading {corpus.name}")
-    upload = await upload_corpus(ingest_url, corpus, "demo")
-    run_id = str(upload["run_id"])
-    console.print(f"{stamp()} run {run_id}: {upload.get('records', {})}")
-    result = DemoResult(run_id=run_id)
-    stop = asyncio.Event()
-    traffic = asyncio.create_task(
-        send_traffic(gateway_url, key, prompts, result, stop, system_prompt=demotask.SYSTEM_PROMPT)
-    )
-
-    def on_event(event: Event) -> None:
-        console.print(f"{stamp()} {describe(event)}")
-
-    def is_run(event: Event) -> bool:
-        return event.run_id == run_id
-
-    try:
-        await watch_run(
-            state["nats_url"],
-            os.environ.get("TUNELOOP_SUBJECT_PREFIX", "tuneloop"),
-            result,
-            timeout_s=timeout_s,
-            on_event=on_event,
-            is_run=is_run,
-        )
-    finally:
-        stop.set()
-        await asyncio.wait_for(traffic, 120)
-    console.print("")
-    console.print(
-        f"[bold]outcome: {result.outcome}[/bold] after {time.monotonic() - started:.0f}s;"
-        f" {result.requests_sent} requests through the gateway "
-        f"({result.request_errors} errors), answered by {result.answered_by}"
-    )
-    for line in scoreboard(result):
-        typer.echo(line)
-    deployed = result.last(ModelDeployed)
-    if deployed:
-        console.print(f"trace: tuneloop trace {run_id} --home {state['home']}")
-    return result.outcome
-
-
-async def _wait_for_stable(
-    gateway_url: str, key: str, embedded: Embedded, timeout_s: float
-) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    async with httpx.AsyncClient(timeout=10) as client:
-        while time.monotonic() < deadline:
-            for note in embedded.supervise_once():
-                console.print(f"[yellow]{note}[/yellow]")
-            try:
-                response = await client.post(
-                    f"{gateway_url}/v1/chat/completions",
-                    headers={"Authorization": f"Bearer {key}"},
-                    json={
-                        "model": "tuneloop",
-                        "max_tokens": 4,
-                        "messages": [{"role": "user", "content": "hi"}],
-                    },
-                )
-                if response.status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(2)
-    raise TimeoutError(
-        "the base model was not served through the gateway in time; "
-        "see the inference and gateway logs under the run directory"
-    )
 
 
 @app.command()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import time
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from shared.events import (
 )
 from shared.runs import parse_stream_message
 from shared.subjects import Namespace
+from shared.supervisor import Embedded
 
 # Per base model: the environment that makes the services do the demo's work at demo scale.
 BASE_ENV: dict[str, dict[str, str]] = {
@@ -86,6 +88,8 @@ class DemoResult:
     requests_sent: int = 0
     request_errors: int = 0
     answered_by: dict[str, int] = field(default_factory=dict)
+    client_key: str = ""
+    gateway_url: str = ""
 
     def first(self, kind: type[Event]) -> Any:
         return next((e for e in self.events if isinstance(e, kind)), None)
@@ -300,3 +304,105 @@ def scoreboard(result: DemoResult) -> list[str]:
         + "; ".join(evaluation.reasons[:6])
     )
     return lines
+
+
+async def run_demo(
+    state: dict[str, Any],
+    embedded: Embedded,
+    *,
+    train_records: int = 600,
+    timeout_s: float = 1800,
+    say: Callable[[str], None] = print,
+    admin_key: str | None = None,
+    prefix: str = "tuneloop",
+) -> DemoResult:
+    """Drive one demo run on a started :class:`Embedded` system; returns what happened."""
+    from shared import demotask
+    from shared.settings import DEV_ADMIN_KEY
+
+    services = state["services"]
+    for needed in ("ingest", "gateway"):
+        if needed not in services:
+            raise RuntimeError(f"the demo needs the {needed} service")
+    ingest_url = f"http://127.0.0.1:{services['ingest']['http_port']}"
+    gateway_url = f"http://127.0.0.1:{services['gateway']['http_port']}"
+    admin_key = admin_key or os.environ.get("TUNELOOP_ADMIN_KEY", DEV_ADMIN_KEY)
+    corpus, _bench = demotask.write(Path(state["home"]) / "demo", n_train=train_records)
+    # Production-like traffic from the train distribution (another seed): never the held-out
+    # benchmark's prompts, which the harvester would otherwise feed into the next round.
+    prompts = [
+        next(m["content"] for m in r["messages"] if m["role"] == "user")
+        for r in demotask.train_records(seed=99, n=200)
+    ]
+    started = time.monotonic()
+
+    def stamp() -> str:
+        return f"[{time.monotonic() - started:6.1f}s]"
+
+    say(f"{stamp()} waiting for the base model to be served (vLLM start-up)...")
+    key = await create_client_key(gateway_url, admin_key)
+    await wait_for_stable(gateway_url, key, embedded, say=say, timeout_s=600)
+    say(f"{stamp()} base model is serving; uploading {corpus.name}")
+    upload = await upload_corpus(ingest_url, corpus, "demo")
+    result = DemoResult(run_id=str(upload["run_id"]))
+    result.client_key = key
+    result.gateway_url = gateway_url
+    say(f"{stamp()} run {result.run_id}: {upload.get('records', {})}")
+    stop = asyncio.Event()
+    traffic = asyncio.create_task(
+        send_traffic(gateway_url, key, prompts, result, stop, system_prompt=demotask.SYSTEM_PROMPT)
+    )
+    try:
+        await watch_run(
+            state["nats_url"],
+            prefix,
+            result,
+            timeout_s=timeout_s,
+            on_event=lambda e: say(f"{stamp()} {describe(e)}"),
+            is_run=lambda e: e.run_id == result.run_id,
+        )
+    finally:
+        stop.set()
+        await asyncio.wait_for(traffic, 120)
+    say("")
+    say(
+        f"outcome: {result.outcome} after {time.monotonic() - started:.0f}s; "
+        f"{result.requests_sent} requests through the gateway ({result.request_errors} errors), "
+        f"answered by {result.answered_by}"
+    )
+    return result
+
+
+async def wait_for_stable(
+    gateway_url: str,
+    key: str,
+    embedded: Embedded,
+    *,
+    say: Callable[[str], None],
+    timeout_s: float,
+) -> None:
+    """Until the gateway answers a chat request (the base model is deployed and routed)."""
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(timeout=30) as client:
+        while time.monotonic() < deadline:
+            for note in embedded.supervise_once():
+                say(note)
+            try:
+                response = await client.post(
+                    f"{gateway_url}/v1/chat/completions",
+                    headers={"Authorization": f"Bearer {key}"},
+                    json={
+                        "model": "tuneloop",
+                        "max_tokens": 4,
+                        "messages": [{"role": "user", "content": "hi"}],
+                    },
+                )
+                if response.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(2)
+    raise TimeoutError(
+        "the base model was not served through the gateway in time; "
+        "see the inference and gateway logs under the run directory"
+    )
