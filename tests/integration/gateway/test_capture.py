@@ -9,6 +9,7 @@ import json
 
 import httpx
 import pytest
+from sqlalchemy.exc import OperationalError
 from sqlmodel import select
 
 from shared.db import Database
@@ -130,12 +131,18 @@ async def test_capture_switch_overload_and_db_down(gateways, upstreams, pipeline
             # Capture on, a queue of one and a database that is gone: requests do not care.
             gw.state.capture.enabled = True
             gw.state.capture.queue = asyncio.Queue(maxsize=1)
-            gw.state.capture.db = Database("sqlite+aiosqlite:////nonexistent/dir/x.db")
+            broken = Database("sqlite+aiosqlite:////nonexistent/dir/x.db")
+            gw.state.capture.db = broken
+            gw.state.db = broken  # route and key syncs fail too: the last good table serves
             results = await asyncio.gather(
                 *(http.post("/chat/completions", headers=auth, json=body) for _ in range(30))
             )
             assert all(r.status_code == 200 for r in results)
             await eventually(lambda: gw.state.capture.dropped > 0, what="capture dropped")
+            with pytest.raises(OperationalError):
+                await gw.state.sync_once(force=True)
+            r = await http.post("/chat/completions", headers=auth, json=body)
+            assert r.status_code == 200
 
 
 async def test_capture_sink_keeps_inflight_records_at_shutdown_and_drops_when_full(sqlite_db):
