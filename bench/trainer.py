@@ -14,6 +14,8 @@ excluded from s/step.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import random
@@ -110,7 +112,8 @@ def run_case(
 
         trl.SFTTrainer.__init__ = patched  # type: ignore[method-assign]
         try:
-            meta = Worker(spec).run()
+            with contextlib.redirect_stdout(io.StringIO()):  # the worker's progress lines
+                meta = Worker(spec).run()
         finally:
             trl.SFTTrainer.__init__ = original  # type: ignore[method-assign]
     phase = meta["phases"][0]

@@ -40,7 +40,47 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+class _DatabaseOnly:
+    """Enough of a runtime for job updates that emit nothing (the CLI has no outbox relay)."""
+
+    def __init__(self, db: Any) -> None:
+        self.db = db
+
+    def transaction(self) -> Any:
+        return self.db.session()
+
+    def emit(self, session: Any, event: Any) -> None:
+        raise RuntimeError("the CLI does not emit events")
+
+
 def register(app: typer.Typer) -> None:
+    @app.command("train-cancel")
+    def train_cancel(
+        adapter_id: Annotated[str, typer.Argument(help="The adapter id of a running job.")],
+    ) -> None:
+        """Ask the trainer to stop a running job cleanly (it checkpoints and emits a
+        retryable TrainingFailed)."""
+        import re
+
+        from services.trainer.jobs import SqlJobs
+        from shared.db import Database
+        from shared.settings import CommonSettings
+
+        if not re.fullmatch(r"adp-[0-9a-f]{20}", adapter_id):
+            raise typer.BadParameter(f"{adapter_id!r} is not an adapter id")
+
+        async def go() -> bool:
+            db = Database(CommonSettings().resolved_database_url)
+            try:
+                return await SqlJobs(_DatabaseOnly(db)).request_cancel(adapter_id)
+            finally:
+                await db.dispose()
+
+        if not asyncio.run(go()):
+            typer.echo(f"{adapter_id} is not running")
+            raise typer.Exit(1)
+        typer.echo(f"cancellation of {adapter_id} requested")
+
     @app.command()
     def train(
         dataset_dir: Annotated[

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -22,6 +21,7 @@ from typing import Any
 from services.trainer.jobs import JobRepository
 from services.trainer.models import TrainingJob
 from services.trainer.settings import TrainerSettings
+from services.trainer.training.checkpoints import has_local_progress, snapshot
 from services.trainer.training.config import (
     ConfigError,
     TrainingConfig,
@@ -29,13 +29,13 @@ from services.trainer.training.config import (
     resolve_config,
 )
 from services.trainer.training.data import (
+    PHASE_ORDER,
     DataError,
     Phase,
     plan_phases,
     read_records,
 )
 from services.trainer.training.runner import Outcome, run_worker
-from services.trainer.training.worker import latest_checkpoint
 from shared.basemodels import resolve_base_model
 from shared.bus import PermanentError
 from shared.db import utcnow
@@ -214,7 +214,7 @@ async def prepare(
 ) -> dict[str, Any]:
     """Restore the last checkpoint if this machine has none, fetch and check the data, and
     write the worker's spec."""
-    if job.checkpoint_ref and not await asyncio.to_thread(_has_local_progress, work):
+    if job.checkpoint_ref and not await asyncio.to_thread(has_local_progress, work):
         ref = ArtifactRef.model_validate_json(job.checkpoint_ref)
         log.info(
             "restoring checkpoint %s step %s from %s",
@@ -229,6 +229,9 @@ async def prepare(
     await asyncio.to_thread(data.mkdir, parents=True, exist_ok=True)
     train_path = await store.get_file(event.train, data / "train.jsonl")
     records = await asyncio.to_thread(read_records, train_path, source="train split")
+    unknown = sorted(set(event.curriculum) - set(PHASE_ORDER))
+    if unknown:  # before downloading anything a hostile event points at
+        raise DataError(f"unknown curriculum phases {unknown[:5]}; expected {list(PHASE_ORDER)}")
     manifests: dict[str, bytes] = {}
     for name, ref in sorted(event.curriculum.items()):
         if ref.size_bytes > MAX_MANIFEST_BYTES:
@@ -285,15 +288,6 @@ def worker_spec(
     }
 
 
-def _has_local_progress(work: Path) -> bool:
-    if (work / "state.json").exists():
-        return True
-    phases = work / "phases"
-    return phases.is_dir() and any(
-        latest_checkpoint(p / "checkpoints") or (p / "adapter").is_dir() for p in phases.iterdir()
-    )
-
-
 def write_phase(data: Path, phase: Phase) -> dict[str, Any]:
     path = data / f"phase-{phase.name}.jsonl"
     with path.open("w") as fh:
@@ -305,35 +299,6 @@ def write_phase(data: Path, phase: Phase) -> dict[str, Any]:
         "sequential": phase.sequential,
         "description": phase.description,
     }
-
-
-def snapshot(work: Path, checkpoint: Path) -> Path:
-    """A directory of hard links to what resuming needs: the state, the finished phases'
-    adapters, the step log and this checkpoint (stable even if the trainer deletes it)."""
-    snap = Path(tempfile.mkdtemp(prefix="snap-", dir=work))
-    for name in ("state.json", "steps.jsonl"):  # rewritten in place: copy, not link
-        if (work / name).exists():
-            shutil.copy2(work / name, snap / name)
-    for phase in (work / "phases").iterdir():
-        if (phase / "adapter").is_dir():
-            _link_tree(phase / "adapter", snap / "phases" / phase.name / "adapter")
-    rel = checkpoint.relative_to(work)
-    _link_tree(checkpoint, snap / rel)
-    return snap
-
-
-def _link(src: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dest)
-    except OSError:
-        shutil.copy2(src, dest)
-
-
-def _link_tree(src: Path, dest: Path) -> None:
-    for path in src.rglob("*"):
-        if path.is_file():
-            _link(path, dest / path.relative_to(src))
 
 
 async def _train(

@@ -198,15 +198,18 @@ class SqlJobs:
         event: TrainingFailed,
         status: Literal["failed", "cancelled"] = "failed",
     ) -> None:
-        async with self.tx.transaction() as s:
-            if adapter_id is not None:
-                row = await s.get(TrainingJob, adapter_id)
-                if row is not None:
-                    row.status = status
-                    row.reason = event.reason
-                    row.updated_at = utcnow()
-                    s.add(row)
-            self.tx.emit(s, event)
+        try:
+            async with self.tx.transaction() as s:
+                if adapter_id is not None:
+                    row = await s.get(TrainingJob, adapter_id)
+                    if row is not None:
+                        row.status = status
+                        row.reason = event.reason
+                        row.updated_at = utcnow()
+                        s.add(row)
+                self.tx.emit(s, event)
+        except IntegrityError:  # the same failure was recorded by an earlier delivery
+            return
 
 
 def job_view(job: TrainingJob) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from tests.integration.streams import eventually
 from tests.integration.trainer.dataset import json_task, publishable_dataset
 from tests.integration.trainer.service import events_of
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 ROOT = Path(__file__).resolve().parents[3]
 STEPS = 9
 EVERY = 3
@@ -75,6 +75,9 @@ def alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().split()[2] != "Z"
 
 
+# PostgreSQL only: the job bookkeeping runs on both databases in test_service.py; this test's
+# cost is two training processes, paid once.
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 async def test_sigkill_mid_training_resumes_from_checkpoint_on_redelivery(
     bus_settings, database_url: str, tmp_path: Path, models_dir: Path
 ) -> None:

@@ -30,6 +30,7 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 async def test_dataset_ready_trains_once_and_emits_training_done(
     bus_settings, db, tmp_path: Path, store_url: str, models_dir: Path
 ) -> None:
@@ -201,3 +202,48 @@ async def test_malformed_and_hostile_datasets_fail_permanently(
 async def _at_least(items, n: int):  # type: ignore[no-untyped-def]
     got = await items
     return got if len(got) >= n else None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+async def test_cancel_stops_a_running_training_cleanly(
+    bus_settings, sqlite_db, tmp_path: Path, store_url: str, models_dir: Path
+) -> None:
+    store = ArtifactStore.from_url(store_url)
+    event = await publishable_dataset(store, json_task(32), json_task(2, prefix="v"))
+    async with (
+        running_trainer(
+            bus_settings,
+            sqlite_db.url,
+            tmp_path,
+            store_url,
+            overrides={"max_steps_per_phase": 200},
+            checkpoint_every_steps=2,
+            step_delay_s=0.3,
+        ) as runtime,
+        EventBus(bus_settings, service="test-ingest") as producer,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=runtime.http), base_url="http://t"
+        ) as client,
+    ):
+        await producer.publish(event)
+
+        async def checkpointed() -> str | None:
+            jobs = (await client.get("/jobs")).json()
+            return jobs[0]["adapter_id"] if jobs and jobs[0]["checkpoint"]["step"] else None
+
+        adapter_id = await eventually(checkpointed, timeout_s=180, what="a checkpoint")
+        response = await client.post(
+            f"/jobs/{adapter_id}/cancel", headers={"X-Admin-Key": "tl-dev-admin-key"}
+        )
+        assert response.status_code == 202
+        failed = await eventually(
+            lambda: events_of(bus_settings, TrainingFailed), timeout_s=60, what="TrainingFailed"
+        )
+        job = (await client.get(f"/jobs/{adapter_id}")).json()
+    assert failed[0].retryable is True
+    assert "cancelled" in failed[0].reason
+    assert job["status"] == "cancelled"
+    assert job["step"] < 200
+    assert await events_of(bus_settings, TrainingDone) == []
+    assert await dead_letters(bus_settings) == []
