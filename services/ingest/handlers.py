@@ -484,6 +484,7 @@ async def _cursor(db: Database, name: str) -> HarvestCursor:
 async def _scan(
     db: Database, cursor: HarvestCursor, settings: IngestSettings, until: datetime
 ) -> AsyncIterator[list[Interaction]]:
+    """Interactions after the cursor, in (created_at, id) order, in batches."""
     after_at, after_id = cursor.last_created_at, cursor.last_id or ""
     while True:
         query = select(Interaction).where(col(Interaction.created_at) <= until)
@@ -505,6 +506,51 @@ async def _scan(
         after_at, after_id = rows[-1].created_at, rows[-1].id
 
 
+async def _late_feedback(
+    db: Database, cursor: HarvestCursor, settings: IngestSettings, until: datetime
+) -> AsyncIterator[list[Interaction]]:
+    """Interactions the main cursor already passed that got positive feedback since the
+    last harvest (feedback usually comes after the answer). Already-harvested ones come
+    back too; dedupe against the previous version drops them."""
+    if cursor.last_created_at is None:
+        return
+    # Strictly after the last feedback_at read: every row with that very timestamp was read
+    # then (the scan reads all of them up to ``until``, which lags behind commits).
+    after_at, after_id = cursor.feedback_after, None
+    while True:
+        query = select(Interaction).where(
+            col(Interaction.feedback_rating) > 0,
+            col(Interaction.feedback_at) <= until,
+            or_(
+                col(Interaction.created_at) < cursor.last_created_at,
+                and_(
+                    col(Interaction.created_at) == cursor.last_created_at,
+                    col(Interaction.id) <= (cursor.last_id or ""),
+                ),
+            ),
+        )
+        if after_at is not None and after_id is None:
+            query = query.where(col(Interaction.feedback_at) > after_at)
+        elif after_at is not None:  # the next page of this scan
+            query = query.where(
+                or_(
+                    col(Interaction.feedback_at) > after_at,
+                    and_(col(Interaction.feedback_at) == after_at, col(Interaction.id) > after_id),
+                )
+            )
+        query = query.order_by(col(Interaction.feedback_at), col(Interaction.id)).limit(
+            settings.harvest_batch
+        )
+        async with db.session() as session:
+            rows = list((await session.exec(query)).all())
+        if not rows:
+            return
+        yield rows
+        last = rows[-1]
+        assert last.feedback_at is not None
+        after_at, after_id = last.feedback_at, last.id
+
+
 async def harvest(
     *,
     ports: Ports,
@@ -521,23 +567,33 @@ async def harvest(
     until = (now or datetime.now(UTC)) - timedelta(seconds=settings.harvest_settle_s)
     cursor = await _cursor(ports.db, name)
     scanned = eligible = 0
-    last: tuple[datetime, str] | None = None
+    last: tuple[datetime | None, str | None] = (cursor.last_created_at, cursor.last_id)
+    feedback_after = cursor.feedback_after
     with tempfile.TemporaryDirectory(
         prefix="ingest-harvest-", dir=settings.work_dir or None
     ) as tmp:
         path = Path(tmp) / "interactions.jsonl"
         with path.open("wb") as out:
-            async for rows in _scan(ports.db, cursor, settings, until):
-                for row in rows:
-                    scanned += 1
-                    last = (row.created_at, row.id)
-                    if not _eligible(row, settings.harvest_quality):
-                        continue
+
+            def take(row: Interaction) -> None:
+                nonlocal eligible
+                if _eligible(row, settings.harvest_quality):
                     record = interaction_record(row, settings.harvest_category)
                     if record is not None:
                         out.write(orjson.dumps(record) + b"\n")
                         eligible += 1
-        if eligible < settings.harvest_min_examples or last is None:
+
+            async for rows in _late_feedback(ports.db, cursor, settings, until):
+                for row in rows:
+                    scanned += 1
+                    feedback_after = row.feedback_at
+                    take(row)
+            async for rows in _scan(ports.db, cursor, settings, until):
+                for row in rows:
+                    scanned += 1
+                    last = (row.created_at, row.id)
+                    take(row)
+        if eligible < settings.harvest_min_examples:
             return HarvestOutcome("not_enough", eligible, scanned)
         seen_generation = cursor.generation
         last_at, last_id = last
@@ -552,6 +608,7 @@ async def harvest(
                 .values(
                     last_created_at=last_at,
                     last_id=last_id,
+                    feedback_after=feedback_after,
                     generation=seen_generation + 1,
                     updated_at=utcnow(),
                 )

@@ -40,6 +40,8 @@ class HarvestCursor(SQLModel, table=True):
     # The last interaction harvested, in (created_at, id) order.
     last_created_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime()))
     last_id: str | None = Field(default=None, sa_column=Column(String(64)))
+    # Positive feedback given after the interaction was scanned: the last feedback_at read.
+    feedback_after: datetime | None = Field(default=None, sa_column=Column(UTCDateTime()))
     # Optimistic lock: a replica advances the cursor only from the value it read.
     generation: int = Field(default=0, sa_column=Column(Integer, nullable=False))
     updated_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))

@@ -286,6 +286,20 @@ async def test_harvest_threshold_cursor_and_merge(ingest_service):
         # Over HTTP too (what `tuneloop harvest` and operators use).
         resp = await svc.client.post("/v1/harvest")
         assert resp.json()["status"] == "not_enough"
+        # Positive feedback that arrives after the cursor passed still counts (once).
+        async with svc.runtime.db.session() as session:
+            for rid in ("resp-0003", "resp-0002"):  # 3 was below quality; 2 is harvested
+                row = await session.get(Interaction, rid)
+                row.feedback_rating, row.feedback_at = 1, datetime.now(UTC)
+                session.add(row)
+        one = svc.settings.model_copy(update={"harvest_min_examples": 1})
+        late = await harvest(ports=svc.runtime, settings=one)
+        assert (late.status, late.eligible) == ("created", 2)
+        assert late.ingest is not None
+        assert late.ingest.report["records"]["new"] == 1  # 2 was a duplicate of v2
+        assert late.ingest.report["dedupe"]["exact"] == 1
+        again = await harvest(ports=svc.runtime, settings=one)
+        assert (again.status, again.scanned) == ("not_enough", 0)
 
 
 async def test_two_harvesters_at_once_make_one_version(ingest_service):
