@@ -21,6 +21,8 @@ class ProcessingConfig(BaseModel):
     max_input_chars: int = Field(default=30_000, ge=1)
     min_output_chars: int = Field(default=100, ge=0)
     max_output_chars: int = Field(default=30_000, ge=1)
+    # The trainer reads at most 256 messages a record.
+    max_turns: int = Field(default=256, ge=2, le=256)
     reject_error_text: bool = True
     scrub_pii: bool = True
     near_dedupe: bool = True

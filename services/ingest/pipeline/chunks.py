@@ -35,6 +35,7 @@ class Rules:
     max_input_chars: int = 30_000
     min_output_chars: int = 100
     max_output_chars: int = 30_000
+    max_turns: int = 256
     reject_error_text: bool = True
     scrub_pii: bool = True
     near_dedupe: bool = True
@@ -84,6 +85,8 @@ class Rejected(Exception):
 
 
 def _check(messages: list[dict[str, str]], rules: Rules) -> tuple[int, int]:
+    if len(messages) > rules.max_turns:
+        raise Rejected("too_many_turns", f"{len(messages)} messages (> {rules.max_turns})")
     problem = validate.role_order_error(messages)
     if problem:
         raise Rejected("role_order", problem)

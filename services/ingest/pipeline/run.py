@@ -94,6 +94,7 @@ def rules_for(config: ProcessingConfig) -> Rules:
         max_input_chars=config.max_input_chars,
         min_output_chars=config.min_output_chars,
         max_output_chars=config.max_output_chars,
+        max_turns=config.max_turns,
         reject_error_text=config.reject_error_text,
         scrub_pii=config.scrub_pii,
         near_dedupe=config.near_dedupe,
@@ -445,6 +446,8 @@ class Pipeline:
         )
         manifest_paths = {}
         for phase, manifest in manifests.items():
+            if not manifest["record_ids"]:  # a phase asked for 0 records: no manifest
+                continue
             path = workdir / f"curriculum-{phase}.json"
             path.write_bytes(orjson.dumps(manifest))
             manifest_paths[phase] = path

@@ -198,3 +198,14 @@ def test_a_byte_order_mark_is_skipped(tmp_path: Path):
     for path in (jsonl, arr):
         result = _run(list(iter_items(path)), "alpaca")
         assert len(result.positions) == 1 and not result.rejected
+
+
+def test_too_many_turns_are_refused():
+    turns = [{"role": r, "content": "x" * 60} for _ in range(130) for r in ("user", "assistant")]
+    result = _run(
+        [(1, orjson.dumps({"messages": turns}))],
+        "openai",
+        max_output_chars=10**6,
+        max_input_chars=10**6,
+    )
+    assert [(pos, code) for pos, code, _ in result.rejected] == [(1, "too_many_turns")]

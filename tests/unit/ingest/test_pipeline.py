@@ -301,3 +301,12 @@ def test_sorted_runs_map_keeps_first_values_across_merges():
     probe = np.concatenate([keys[[0, 4999, 1234]], np.array([7, 2**64 - 1], dtype=np.uint64)])
     assert runs.lookup(probe).tolist() == [0, 4999, 1234, -1, -1]
     assert SortedRuns().lookup(probe).tolist() == [-1] * 5
+
+
+def test_a_phase_with_no_records_gets_no_manifest(tmp_path: Path):
+    src = write_jsonl(tmp_path / "a.jsonl", records(20, seed=13))
+    out = run(
+        tmp_path, [SourceFile(src, "a.jsonl")], ProcessingConfig(target_records={"A": 0, "B": 7})
+    )
+    assert sorted(out.manifest_paths) == ["B", "C"]
+    assert len(orjson.loads(out.manifest_paths["B"].read_bytes())["record_ids"]) == 7
