@@ -44,6 +44,7 @@ class GatewayService:
             self.runtime.db,
             self.runtime,
             admin_key=self.runtime.common.admin_key.get_secret_value(),
+            probe=probe,
         )
         self.probe = probe
         admin.install(self.runtime.http, self.state)

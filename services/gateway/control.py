@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -41,6 +41,9 @@ ROLLOUTS = Counter("gateway_rollout_changes_total", "Rollout transitions made he
 CANARY_WEIGHT = Gauge("gateway_canary_weight", "Current canary share", ["model"])
 ROUTED_STATES = ("stable", "canary")
 FEEDBACK_RETRY_S = 30.0
+REPROBE_S = 30.0
+# Asks an upstream which model name it serves and its context length (see handlers).
+Probe = Callable[[str, str], Awaitable[tuple[str | None, int | None]]]
 
 
 class Outbox(Protocol):
@@ -59,8 +62,11 @@ class GatewayState:
         outbox: Outbox,
         *,
         admin_key: str | None,
+        probe: Probe | None = None,
     ) -> None:
         self.settings = settings
+        self.probe = probe
+        self._probed: dict[str, float] = {}
         self.db = db
         self.outbox = outbox
         self.routes: dict[str, Route] = {}
@@ -255,6 +261,33 @@ class GatewayState:
     async def _sync_tick(self) -> None:
         await self.sync_once()
         await self.publish_stats()
+        if self.probe is not None:
+            await self.reprobe()
+
+    async def reprobe(self) -> int:
+        """Ask routed upstreams whose model facts are unknown (their engine did not answer
+        ``/v1/models`` when announced) again, at most every ``REPROBE_S`` each."""
+        assert self.probe is not None
+        now = time.monotonic()
+        found = 0
+        for dep_id in list(self.upstreams):
+            row = self.rows.get(dep_id)
+            if row is None or row.max_context_tokens or row.upstream_model:
+                continue
+            if now - self._probed.get(dep_id, -REPROBE_S) < REPROBE_S:
+                continue
+            self._probed[dep_id] = now
+            upstream_model, max_context = await self.probe(row.endpoint, row.served_model_name)
+            if not (upstream_model or max_context):
+                continue
+            async with self.changing() as session:
+                fresh = await session.get(GatewayDeployment, dep_id)
+                if fresh is not None:
+                    fresh.upstream_model = upstream_model
+                    fresh.max_context_tokens = max_context
+                    fresh.updated_at = utcnow()
+            found += 1
+        return found
 
     def _windows(self) -> list[tuple[str, int]]:
         """The (deployment, step) windows that matter now: each stable's and each canary's."""

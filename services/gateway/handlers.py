@@ -7,11 +7,10 @@ so a redelivered event changes nothing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 
 import aiohttp
 
-from services.gateway.control import GatewayState
+from services.gateway.control import GatewayState, Probe
 from services.gateway.routing import state as route_state
 from shared.bus import PermanentError
 from shared.events import EvaluationCompleted, ModelDeployed
@@ -20,7 +19,6 @@ from shared.outbox import AlreadyProcessed, Inbox
 log = logging.getLogger(__name__)
 
 INBOX = Inbox("gateway")
-Probe = Callable[[str, str], Awaitable[tuple[str | None, int | None]]]
 
 
 async def probe_upstream(endpoint: str, served_model_name: str) -> tuple[str | None, int | None]:

@@ -183,3 +183,21 @@ async def test_handlers_are_idempotent_and_transitions_conditional(db: Database)
     with pytest.raises(route_state.Conflict):
         async with db.session() as session:
             await route_state.set_weight(session, "cand", weight=0.5, reason="already stable")
+
+    # Model facts unknown at announcement (engine not answering yet) are asked for again.
+    answers: list[tuple[str | None, int | None]] = [(None, None), ("engine-name", 2048)]
+
+    async def late_probe(endpoint: str, name: str) -> tuple[str | None, int | None]:
+        return answers.pop(0)
+
+    prober = GatewayState(GatewaySettings(), db, DbOutbox(db), admin_key=None, probe=late_probe)
+    await prober.sync_once(force=True)
+    assert prober.upstreams["cand"].max_context_tokens is None
+    assert await prober.reprobe() == 0  # still unknown
+    assert await prober.reprobe() == 0  # and not asked again right away
+    prober._probed.clear()
+    assert await prober.reprobe() == 1
+    assert prober.upstreams["cand"].max_context_tokens == 2048
+    assert prober.upstreams["cand"].upstream_model == "engine-name"
+    await state.sync_once()
+    assert state.upstreams["cand"].max_context_tokens == 2048  # other replicas see it too
