@@ -209,15 +209,15 @@ def wire(runtime: ServiceRuntime, settings: IngestSettings, executor: Executor |
     """Subscribers and routes (before ``runtime.start()``)."""
 
     async def submitted(event: DatasetSubmitted, delivery: Delivery) -> None:
-        async with delivery.keep_alive():
-            await on_dataset_submitted(
-                event,
-                ports=runtime,
-                settings=settings,
-                executor=executor,
-                allowed_roots=allowed_roots(runtime, settings),
-            )
+        await on_dataset_submitted(
+            event,
+            ports=runtime,
+            settings=settings,
+            executor=executor,
+            allowed_roots=allowed_roots(runtime, settings),
+        )
 
+    # heartbeat: the bus keeps the message alive while a large corpus is processed.
     runtime.bus.subscribe(DatasetSubmitted, submitted, heartbeat=True)
     add_routes(runtime, settings, executor)
 
