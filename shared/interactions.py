@@ -18,7 +18,10 @@ from shared.db import UTCDateTime
 
 class Interaction(SQLModel, table=True):
     __tablename__ = "gateway_interactions"
-    __table_args__ = (Index("ix_gateway_interactions_created", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_gateway_interactions_created", "created_at", "id"),
+        Index("ix_gateway_interactions_feedback", "feedback_at", "id"),
+    )
 
     id: str = Field(sa_column=Column(String(64), primary_key=True))  # the response id
     created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
