@@ -265,13 +265,13 @@ class CaptureSink:
         table = Interaction.__table__  # type: ignore[attr-defined]
         try:
             async with self.db.session() as session:
-                await session.execute(insert(table), rows)
+                await session.exec(insert(table), params=rows)
         except IntegrityError:  # a duplicate response id: write the others one by one
             kept: list[dict[str, Any]] = []
             for row in rows:
                 try:
                     async with self.db.session() as session:
-                        await session.execute(insert(table), [row])
+                        await session.exec(insert(table), params=[row])
                     kept.append(row)
                 except IntegrityError:
                     DROPPED.labels("duplicate").inc()
@@ -294,7 +294,7 @@ def quality_score(rating: int, correction: str | None) -> float:
 async def apply_feedback(session: Any, fb: GatewayFeedback) -> bool:
     """Set the interaction's rating, comment and quality score, if it exists and was made with
     the same key (nobody rates another key's answers)."""
-    result = await session.execute(
+    result = await session.exec(
         update(Interaction)
         .where(
             col(Interaction.id) == fb.response_id,

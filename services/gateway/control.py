@@ -313,7 +313,7 @@ class GatewayState:
                     "latency_samples": w.latency_samples,
                     "updated_at": now,
                 }
-                result = await session.execute(
+                result = await session.exec(
                     update(GatewayReplicaStats)
                     .where(
                         col(GatewayReplicaStats.replica_id) == self.replica_id,
@@ -329,7 +329,7 @@ class GatewayState:
                             replica_id=self.replica_id, deployment_id=dep, step=step, **values
                         )
                     )
-            await session.execute(
+            await session.exec(
                 delete(GatewayReplicaStats).where(
                     col(GatewayReplicaStats.updated_at) < now - timedelta(hours=1)
                 )

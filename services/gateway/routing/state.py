@@ -169,7 +169,7 @@ async def apply_evaluation(
 async def _conditional(
     session: AsyncSession, deployment_id: str, expected_step: int, **values: object
 ) -> bool:
-    result = await session.execute(
+    result = await session.exec(
         update(GatewayDeployment)
         .where(
             col(GatewayDeployment.deployment_id) == deployment_id,
