@@ -46,6 +46,8 @@ BASE_ENV: dict[str, dict[str, str]] = {
     "tiny": {
         "TRAINER_BASE_MODEL": "tiny",
         "TRAINER_PROFILE": "cpu-tiny",
+        # The recipe that taught the tiny model the JSON format (DESIGN.md): ~300 steps of 16.
+        "TRAINER_OVERRIDES": '{"max_steps_per_phase": 100, "batch_size": 16}',
         "INFERENCE_BASELINE_MODEL": "tiny",
     },
     "smollm2": {
