@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import asyncio
 
-from services.quantizer.handlers import on_training_done
+from services.quantizer.handlers import Job, on_training_done
 from services.quantizer.ledger import SqlLedger
+from services.quantizer.quantization.pipeline import run_job
 from services.quantizer.settings import QuantizerSettings
 from shared.bus import Delivery
 from shared.events import TrainingDone
@@ -18,7 +19,10 @@ SERVICE = "quantizer"
 
 
 def build(
-    runtime: ServiceRuntime | None = None, settings: QuantizerSettings | None = None
+    runtime: ServiceRuntime | None = None,
+    settings: QuantizerSettings | None = None,
+    *,
+    job: Job = run_job,
 ) -> ServiceRuntime:
     runtime = runtime or ServiceRuntime(SERVICE)
     settings = settings or QuantizerSettings()
@@ -33,6 +37,7 @@ def build(
             ledger=ledger,
             settings=settings,
             work_root=work_root,
+            job=job,
             final_attempt=delivery.attempt >= max_deliver,
         )
 

@@ -100,7 +100,6 @@ def merge_adapter(
     model = load_adapted(base_dir, adapter_dir).merge_and_unload()
     out_dir.mkdir(parents=True, exist_ok=True)
     model = model.to(_torch_dtype(save_dtype))
-    model.config.torch_dtype = save_dtype
     model.save_pretrained(out_dir, safe_serialization=True)
     # The tokenizer travelling with the adapter wins (the trainer may have set a chat
     # template or pad token); otherwise the base's.

@@ -53,6 +53,13 @@ class JobError(Exception):
         self.reason = reason
         self.retryable = retryable
 
+    def __reduce__(self) -> tuple[Any, ...]:  # crosses the process boundary intact
+        return (_job_error, (self.reason, self.retryable))
+
+
+def _job_error(reason: str, retryable: bool) -> JobError:
+    return JobError(reason, retryable=retryable)
+
 
 @dataclass(frozen=True)
 class JobSettings:

@@ -217,3 +217,34 @@ def test_validation_split_without_usable_records_is_a_job_error(tiny_dora, tmp_p
             work_dir=tmp_path / "w",
             settings=FAST,
         )
+
+
+def test_plain_lora_adapter_passes_through_unmerged(tiny_dora, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dora.base_dir)
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    lora.save_pretrained(tmp_path / "lora")
+    report = run_job(
+        base_dir=str(tiny_dora.base_dir),
+        base_model="tiny",
+        adapter_dir=tmp_path / "lora",
+        validation=tiny_dora.validation,
+        targets=["adapter"],
+        work_dir=tmp_path / "w",
+        settings=FAST,
+    )
+    (result,) = report.targets
+    assert result.status == "accepted"
+    assert not report.adapter.use_dora
+    out = result.output_dir
+    assert (out / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "lora" / "adapter_model.safetensors"
+    ).read_bytes()
+    assert result.perplexity_after == result.perplexity_before == report.merged_perplexity

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from sqlmodel import select
 
 from services.quantizer.app import build
 from services.quantizer.models import QuantizedModel
+from services.quantizer.quantization.pipeline import run_job
 from services.quantizer.settings import QuantizerSettings
 from shared.bus import EventBus
 from shared.events import AdapterQuantized, QuantizationFailed, TrainingDone
@@ -22,6 +24,14 @@ from shared.storage import ArtifactStore
 from tests.integration.streams import eventually, read_stream
 
 pytestmark = pytest.mark.integration
+ACK_WAIT_S = 4.0
+
+
+def slow_job(**kwargs):
+    """The real job, then a pause: the whole lasts well past several ack waits."""
+    report = run_job(**kwargs)
+    time.sleep(3 * ACK_WAIT_S)
+    return report
 
 
 @dataclass
@@ -57,8 +67,10 @@ async def service(
             max_eval_tokens=64,
             generations=1,
             max_new_tokens=4,
-            ack_wait_s=10,
+            # Far shorter than the job: only the heartbeat keeps the message from redelivery.
+            ack_wait_s=ACK_WAIT_S,
         ),
+        job=slow_job,
     )
     await runtime.start()
     trainer = EventBus(bus_settings, service="trainer")
@@ -78,14 +90,18 @@ async def _events(running: Running, event_type):
     return [event_type.model_validate_json(m.data) for m in msgs]
 
 
-async def _consumer_idle(running: Running) -> bool:
+async def _consumer(running: Running):
     ns = running.runtime.ns
     nc = await nats.connect(running.trainer.settings.nats_url)
     try:
-        info = await nc.jetstream().consumer_info(ns.stream, "quantizer-adapter-trained")
-        return info.num_pending == 0 and info.num_ack_pending == 0
+        return await nc.jetstream().consumer_info(ns.stream, "quantizer-adapter-trained")
     finally:
         await nc.close()
+
+
+async def _consumer_idle(running: Running) -> bool:
+    info = await _consumer(running)
+    return info.num_pending == 0 and info.num_ack_pending == 0
 
 
 def _training_done(adapter, validation, **overrides) -> TrainingDone:
@@ -104,6 +120,7 @@ def _training_done(adapter, validation, **overrides) -> TrainingDone:
     return TrainingDone(**fields)
 
 
+@pytest.mark.timeout(600)  # ~30 s on an idle machine; minutes when it is shared
 async def test_training_done_becomes_a_stored_merged_model_once(service, tiny_dora, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -113,13 +130,15 @@ async def test_training_done_becomes_a_stored_merged_model_once(service, tiny_do
     first = _training_done(adapter, validation)
     await service.trainer.publish(first)
     (quantized,) = await eventually(
-        lambda: _events(service, AdapterQuantized), timeout_s=180, what="AdapterQuantized"
+        lambda: _events(service, AdapterQuantized), timeout_s=400, what="AdapterQuantized"
     )
     assert quantized.causation_id == first.event_id and quantized.run_id == "run-q1"
     assert quantized.format == "bf16-merged" and quantized.model_id == "ad-tiny-1.bf16-merged"
     assert quantized.artifact.uri.startswith("gs://")
     assert quantized.perplexity_before == quantized.perplexity_after > 1.0
     assert quantized.validation == validation
+    # The job outlasted ack_wait many times over; heartbeats kept it from being redelivered.
+    assert (await _consumer(service)).delivered.consumer_seq == 1
 
     model_dir = await service.store.fetch_dir(quantized.artifact)
     assert (model_dir / "quantization_report.json").is_file()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from services.quantizer.handlers import model_id_for, on_training_done
+from services.quantizer.handlers import model_id_for, on_training_done, run_in_thread
 from services.quantizer.quantization.pipeline import JobError
 from services.quantizer.settings import QuantizerSettings
 from shared.events import AdapterQuantized, QuantizationFailed, TrainingDone
@@ -47,6 +47,7 @@ async def handle(event, *, tmp_path, job=None, ledger=None, store=None, cfg=None
         work_root=tmp_path / "work",
         job=job,
         resolve=lambda name: f"/models/{name}",
+        runner=run_in_thread,
         **kw,
     )
     return events, ledger, job
