@@ -173,7 +173,8 @@ async def send_traffic(
     *,
     model: str = "tuneloop",
     concurrency: int = 2,
-    pause_s: float = 0.25,
+    pause_s: float = 0.05,
+    idle_pause_s: float = 2.0,
     system_prompt: str | None = None,
 ) -> None:
     """Production-like traffic through the gateway: many users, feedback on each answer."""
@@ -212,8 +213,10 @@ async def send_traffic(
                 result.request_errors += 1
                 await asyncio.sleep(0.5)
             result.requests_sent += 1
-            # Steady, modest load: on 2 cores the engines share the CPU with training.
-            await asyncio.sleep(pause_s)
+            # Until a candidate is in canary, a trickle: on a small machine the engine shares
+            # the CPU with training. Then enough traffic for the canary steps to be decided.
+            canary = any(isinstance(e, EvaluationCompleted) and e.passed for e in result.events)
+            await asyncio.sleep(pause_s if canary else idle_pause_s)
 
     await asyncio.gather(*(one_user(i) for i in range(concurrency)))
     await client.close()
