@@ -86,7 +86,12 @@ class StepTimer:
 
 
 def run_case(
-    base_model: str, profile: str, steps: int, records: list[dict[str, Any]], **overrides: Any
+    base_model: str,
+    profile: str,
+    steps: int,
+    records: list[dict[str, Any]],
+    threads: int,
+    **overrides: Any,
 ) -> dict[str, Any]:
     import trl
 
@@ -101,6 +106,7 @@ def run_case(
             "config": config.model_dump(mode="json"),
             "phases": [{"name": "all", "file": str(data)}],
             "checkpoint_every_steps": 10**6,
+            "threads": threads,
             "prompts": [],
         }
         timer = StepTimer()
@@ -120,7 +126,8 @@ def run_case(
     steady = timer.times[1:] or timer.times
     return {
         "tokens": phase["tokens"],
-        "tokens_per_s": phase["tokens_per_second"],
+        # Real tokens over time spent in optimizer steps (not model loading or saving).
+        "tokens_per_s": phase["tokens"] / sum(timer.times),
         "s_per_step": sum(steady) / len(steady),
         "final_loss": phase["final_loss"],
         "peak_mb": phase["peak_memory_mb"],
@@ -129,11 +136,17 @@ def run_case(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--records", type=int, default=256)
     parser.add_argument("--smol", action="store_true", help="also measure SmolLM2-135M")
     parser.add_argument("--smol-steps", type=int, default=3)
     parser.add_argument("--no-qdora", action="store_true")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1 is stable on a shared machine; OpenMP threads spin under load)",
+    )
     args = parser.parse_args()
     records = seed_like_records(args.records)
 
@@ -168,7 +181,7 @@ def main() -> None:
     for base, profile, label, steps, extra in cases:
         print(f"... {base} {label} ({steps} steps)", file=sys.stderr, flush=True)
         try:
-            result = run_case(base, profile, steps, records, **extra)
+            result = run_case(base, profile, steps, records, args.threads, **extra)
         except Exception as exc:  # a case that cannot run here is reported, not hidden
             rows.append((base, label, steps, None, repr(exc)[:80]))
             continue

@@ -26,6 +26,9 @@ TEST_TRAINING = {
     "prompts": ["remind me to pay rent friday"],
     "max_new_tokens": 4,
     "checkpoint_every_steps": 100,
+    # One thread: on a shared 2-core machine two OpenMP threads spin against each other
+    # (measured: 20 tiny steps in 1.4 s with one thread, 46 s with two under load).
+    "threads": 1,
 }
 
 

@@ -50,6 +50,7 @@ def start_trainer(
         # Slow the steps down so the kill lands mid-training, not after it.
         "TRAINER_STEP_DELAY_S": "0.4",
         "TRAINER_WORK_DIR": str(work),
+        "TRAINER_THREADS": "1",
     }
     return subprocess.Popen(
         [sys.executable, "-m", "services.trainer.app"],

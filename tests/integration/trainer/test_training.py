@@ -66,6 +66,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> dict[
         "config": config.model_dump(mode="json"),
         "phases": phases,
         "checkpoint_every_steps": 100,
+        "threads": 1,
         "prompts": ["remind me to pay rent friday", "remind me to call mom tonight"],
         "max_new_tokens": 24,
         "metadata": {"dataset_id": "ds-json", "base_model": "tiny"},
@@ -171,6 +172,7 @@ def test_qdora_trains_on_the_cpu_with_a_4bit_base(tmp_path: Path, models_dir: Pa
         "config": config.model_dump(mode="json"),
         "phases": [{"name": "all", "file": str(path)}],
         "checkpoint_every_steps": 100,
+        "threads": 1,
         "prompts": [],
     }
     meta = Worker(spec).run()
