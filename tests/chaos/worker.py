@@ -24,7 +24,8 @@ from shared.events import DatasetSubmitted
 from shared.outbox import Inbox, complete_once
 
 SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS chaos_effects (n INTEGER NOT NULL, event_id VARCHAR(64), pid INTEGER)",
+    "CREATE TABLE IF NOT EXISTS chaos_effects "
+    "(n INTEGER NOT NULL, event_id VARCHAR(64), pid INTEGER)",
     "CREATE TABLE IF NOT EXISTS chaos_deliveries "
     "(n INTEGER NOT NULL, pid INTEGER, attempt INTEGER, absorbed BOOLEAN)",
 )
