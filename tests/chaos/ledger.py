@@ -11,6 +11,7 @@ with more than one effect row (must be 0); *lost* = acknowledged but never handl
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from shared.subjects import Namespace
 from tests.chaos.worker import SCHEMA, chaos_bus_settings
 
 ROOT = Path(__file__).resolve().parents[2]
+log = logging.getLogger(__name__)
 
 
 def ledger_event(n: int) -> DatasetSubmitted:
@@ -467,8 +469,8 @@ async def _wait_effects(db: Database, wanted: set[int], timeout_s: float) -> Non
                 rows = (await session.execute(text("SELECT DISTINCT n FROM chaos_effects"))).all()
             if wanted <= {int(n) for (n,) in rows}:
                 return
-        except Exception:  # still down / reconnecting
-            pass
+        except Exception as exc:  # still down / reconnecting
+            log.debug("database not back yet: %r", exc)
         await asyncio.sleep(0.2)
 
 

@@ -42,8 +42,16 @@ async def test_poison_input_is_dead_lettered_and_does_not_block(make_world):
     assert result.dead_letters == 2  # the crashing payload and the non-event
     assert result.duplicate_effects == 0
     listing = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "dead-letters"]
-        + ["--nats-url", world.nats.url, "--prefix", world.prefix],
+        [
+            sys.executable,
+            "-m",
+            "shared.cli",
+            "dead-letters",
+            "--nats-url",
+            world.nats.url,
+            "--prefix",
+            world.prefix,
+        ],
         capture_output=True,
         text=True,
         timeout=60,
