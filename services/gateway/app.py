@@ -14,7 +14,7 @@ import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
-from services.gateway import admin
+from services.gateway import admin, ui
 from services.gateway.control import GatewayState
 from services.gateway.handlers import on_evaluation_completed, on_model_deployed, probe_upstream
 from services.gateway.keys import create_key, list_keys
@@ -48,6 +48,14 @@ class GatewayService:
         )
         self.probe = probe
         admin.install(self.runtime.http, self.state)
+        common = self.runtime.common
+        self.dashboard = ui.install(
+            self.runtime.http,
+            self.state,
+            events=ui.EventLog(common.nats_url, common.subject_prefix),
+            store=self.runtime.store,
+            secret=common.admin_key.get_secret_value(),
+        )
         self.asgi = ProxyApp(self.state, self.runtime.http)
         self.runtime.bus.subscribe(ModelDeployed, self._on_deployed)
         self.runtime.bus.subscribe(EvaluationCompleted, self._on_evaluated)
@@ -74,6 +82,7 @@ class GatewayService:
                 print(f"gateway dev mode: client API key {self.dev_key}", flush=True)
 
     async def stop(self) -> None:
+        await self.dashboard.events.close()
         await self.state.stop()
         await self.runtime.stop()
 
