@@ -23,7 +23,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from services.gateway.control import GatewayState
 from services.gateway.routing import state as route_state
 from services.gateway.ui import auth
-from services.gateway.ui.data import EventLog, curve_series, loss_curve, run_view, runs_table
+from services.gateway.ui.data import (
+    EventLog,
+    curve_series,
+    ingest_report,
+    loss_curve,
+    run_view,
+    runs_table,
+)
 from shared.events import Event, RolloutChanged
 from shared.storage import ArtifactStore
 
@@ -55,6 +62,7 @@ class Dashboard:
         self.store = store
         self.secret = secret
         self.curves: dict[str, Any] = {}
+        self.reports: dict[str, Any] = {}
         self.templates = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"),
             autoescape=True,
@@ -218,7 +226,20 @@ def install(
             except Exception as exc:  # a missing artefact must not take the page down
                 log.warning("loss curve of %s unavailable: %s", run_id, exc)
                 curve_error = "the adapter's loss curve could not be read"
-        return ui.page("run.html", run=view, curve=curve, curve_error=curve_error, page="runs")
+        report: dict[str, dict[str, int]] | None = None
+        if view["dataset"] is not None:
+            try:
+                report = await ingest_report(store, view["dataset"]["report"], cache=ui.reports)
+            except Exception as exc:
+                log.warning("ingest report of %s unavailable: %s", run_id, exc)
+        return ui.page(
+            "run.html",
+            run=view,
+            curve=curve,
+            curve_error=curve_error,
+            report=report,
+            page="runs",
+        )
 
     @router.get("/ui/traffic", include_in_schema=False)
     async def traffic_page(request: Request) -> Response:

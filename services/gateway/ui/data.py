@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 MAX_EVENTS = 50_000  # the oldest are forgotten beyond this (the page says how many it holds)
 MAX_CURVE_BYTES = 5_000_000
+MAX_REPORT_BYTES = 20_000_000
 LOSS_CURVE_FILE = "loss_curve.json"
 
 
@@ -290,3 +291,24 @@ def curve_series(points: list[dict[str, Any]]) -> dict[str, Any]:
         for ph in phases:
             ys[ph].append(float(p["loss"]) if ph == p["phase"] else None)
     return {"x": xs, "phases": phases, "y": [ys[ph] for ph in phases]}
+
+
+async def ingest_report(
+    store: ArtifactStore, report: ArtifactRef, *, cache: dict[str, Any]
+) -> dict[str, dict[str, int]]:
+    """Rejected records by reason and PII placeholders by type, from ingest's report."""
+    if report.sha256 in cache:
+        return dict(cache[report.sha256])
+    out: dict[str, dict[str, int]] = {"rejected_by_reason": {}, "pii_scrubbed": {}}
+    if report.size_bytes <= MAX_REPORT_BYTES:
+        data = json.loads(await store.get_bytes(report))
+        for key in out:
+            section = data.get(key) if isinstance(data, dict) else None
+            if isinstance(section, dict):
+                out[key] = {
+                    str(k)[:200]: int(v)
+                    for k, v in sorted(section.items())
+                    if isinstance(v, int) and not isinstance(v, bool)
+                }
+    cache[report.sha256] = out
+    return out

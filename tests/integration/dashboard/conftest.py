@@ -85,7 +85,14 @@ async def seed(gw: GatewayService, bus: EventBus, tmp: Path, base_up: str, cand_
         + "\n"
     )
     train = await store.put_file(split, kind="dataset")
-    report = await store.put_bytes(b'{"rejected": {}}', kind="report", name="report.json")
+    report_body = {
+        "records": {"read": 140, "kept": 132},
+        "rejected_by_reason": {"duplicate": 5, "empty_answer": 3},
+        "pii_scrubbed": {"email": 4, "phone": 1},
+    }
+    report = await store.put_bytes(
+        json.dumps(report_body).encode(), kind="dataset", name="report.json"
+    )
     adapter_dir = tmp / "adapter"
     adapter_dir.mkdir()
     (adapter_dir / "adapter_config.json").write_text('{"peft_type": "LORA", "use_dora": true}')

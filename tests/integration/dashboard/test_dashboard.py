@@ -37,7 +37,7 @@ def client(seeded: Seeded, **kw: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=seeded.url, timeout=10, **kw)
 
 
-async def test_refuses_without_admin_credentials(seeded: Seeded) -> None:
+async def check_refusals(seeded: Seeded) -> None:
     async with client(seeded) as c:
         for path in ("/ui/runs", f"/ui/runs/{RUN}", "/ui/traffic"):
             page = await c.get(path)
@@ -68,7 +68,7 @@ async def test_refuses_without_admin_credentials(seeded: Seeded) -> None:
         assert js.status_code == 200 and "uPlot" in js.text
 
 
-async def test_login_cookie_and_hostile_input(seeded: Seeded) -> None:
+async def check_login_and_actions(seeded: Seeded) -> None:
     async with client(seeded) as c:
         login = await c.post("/ui/login", data={"key": ADMIN_KEY, "next": "//evil.example/x"})
         assert login.status_code == 303 and login.headers["location"] == "/ui/runs"
@@ -121,6 +121,13 @@ async def test_login_cookie_and_hostile_input(seeded: Seeded) -> None:
         # Signing out clears the cookie.
         await c.post("/ui/logout")
         assert (await c.get("/ui/api/runs")).status_code == 401
+
+
+async def test_http_surface(seeded: Seeded) -> None:
+    """Unauthenticated visits are refused; the login cookie works; hostile and malformed input
+    (forms, cookies, action bodies, run ids) is answered with 4xx, never executed or 500."""
+    await check_refusals(seeded)
+    await check_login_and_actions(seeded)
 
 
 async def test_pages_in_chromium(seeded: Seeded, chromium: Path, tmp_path: Path) -> None:
@@ -184,6 +191,9 @@ async def test_pages_in_chromium(seeded: Seeded, chromium: Path, tmp_path: Path)
                 [t for _, t in CATEGORIES.values()],
             ]
             assert "bf16-merged" in await page.locator("#quantization").inner_text()
+            rejected = await page.locator("#rejected").inner_text()
+            assert "duplicate" in rejected and "5" in rejected
+            assert "email" in await page.locator("#pii").inner_text()
             assert "canary_started" in await page.locator("#rollout").inner_text()
             await page.screenshot(path=str(shots / "2-run.png"), full_page=True)
 
