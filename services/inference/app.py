@@ -67,6 +67,7 @@ class InferenceRuntime(ServiceRuntime):
             settings=self.settings,
         )
         self._baseline_task: asyncio.Task[Any] | None = None
+        self._restored = False
         self._watch_task: asyncio.Task[None] | None = None
         self.bus.subscribe(
             AdapterQuantized,
@@ -84,15 +85,25 @@ class InferenceRuntime(ServiceRuntime):
         await self.rollout.on_rollout_changed(event)
 
     async def start(self) -> None:
+        """Serve at once; engines are restored in the background (restarting one takes a
+        minute on a CPU) while deliveries wait for the rollout lock, held until then."""
         await self.db.migrate()
-        await self.rollout.restore()
+        await self.rollout.lock.acquire()
+        self._baseline_task = asyncio.create_task(self._boot(), name="inference-boot")
         await super().start()
         if self.settings.watch_interval_s > 0:
             self._watch_task = asyncio.create_task(self._watch(), name="inference-watch")
+
+    async def _boot(self) -> None:
+        try:
+            await self.rollout.restore(locked=True)
+        except Exception:
+            log.exception("restoring engines failed")
+        finally:
+            self.rollout.lock.release()
+            self._restored = True
         if self.settings.baseline_model:
-            self._baseline_task = asyncio.create_task(
-                self._deploy_baseline(self.settings.baseline_model), name="inference-baseline"
-            )
+            await self._deploy_baseline(self.settings.baseline_model)
 
     async def _deploy_baseline(self, base_model: str) -> None:
         try:
@@ -120,6 +131,7 @@ class InferenceRuntime(ServiceRuntime):
         self._baseline_task = self._watch_task = None
 
     async def wait_baseline(self) -> None:
+        """Until the engines of the previous run are restored and the baseline deployed."""
         if self._baseline_task is not None:
             await asyncio.shield(self._baseline_task)
 
@@ -143,6 +155,7 @@ class InferenceRuntime(ServiceRuntime):
 
     async def ready(self) -> dict[str, bool]:
         checks = await super().ready()
+        checks["engines_restored"] = self._restored
         if self.settings.baseline_model:
             rows = await self.rollout.deployments(live_only=True)
             checks["baseline"] = any(r.role == "baseline" and r.status == "ready" for r in rows)

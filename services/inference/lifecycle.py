@@ -45,22 +45,24 @@ class Rollout(Deployer):
             elif event.action in ("rolled_back", "refused") and target.stable_rank is None:
                 await self._retire(target, reason=f"retired: {event.action} by the gateway")
 
-    async def restore(self) -> None:
+    async def restore(self, *, locked: bool = False) -> None:
         """At start-up: re-adopt engines that outlived the previous run, restart the ones that
-        should be running and are not, and mark what cannot come back as gone."""
-        async with self.lock:
-            rows = [
-                d for d in await self.deployments(live_only=True) if d.mode == self.backend.mode
-            ]
-            for row in sorted(rows, key=lambda d: (not d.has_engine, d.created_at)):
-                try:
-                    await self._restore_one(row)
-                except Exception as exc:
-                    log.exception("restoring %s failed", row.id)
-                    row = await self.get(row.id) or row
-                    if row.status in LIVE_STATUSES:
-                        row.status, row.reason, row.pid = "gone", f"restore failed: {exc!r}", None
-                        await self._save(row)
+        should be running and are not, and mark what cannot come back as gone. ``locked``:
+        the caller already holds :attr:`lock`."""
+        if not locked:
+            async with self.lock:
+                await self.restore(locked=True)
+            return
+        rows = [d for d in await self.deployments(live_only=True) if d.mode == self.backend.mode]
+        for row in sorted(rows, key=lambda d: (not d.has_engine, d.created_at)):
+            try:
+                await self._restore_one(row)
+            except Exception as exc:
+                log.exception("restoring %s failed", row.id)
+                row = await self.get(row.id) or row
+                if row.status in LIVE_STATUSES:
+                    row.status, row.reason, row.pid = "gone", f"restore failed: {exc!r}", None
+                    await self._save(row)
 
     async def _restore_one(self, row: Deployment) -> None:
         kind = "llama-cpp" if row.engine == "llama-cpp" else "vllm"

@@ -178,6 +178,8 @@ async def make_runtime() -> AsyncIterator[Callable[..., Any]]:
         runtime = InferenceRuntime(settings, common)
         await runtime.start()
         started.append(runtime)
+        await runtime.wait_baseline()  # engines of an earlier run restored (and the baseline)
+        assert (await runtime.ready())["engines_restored"]
         return runtime
 
     yield make
