@@ -46,6 +46,10 @@ def up(
         str | None,
         typer.Option(help="Comma-separated subset of services to start (default: all present)."),
     ] = None,
+    base: Annotated[
+        str,
+        typer.Option(help="Base model served from the start and fine-tuned: 'tiny' or 'smollm2'."),
+    ] = "tiny",
     detach_after: Annotated[
         float | None,
         typer.Option(hidden=True, help="Stop by itself after this many seconds (tests)."),
@@ -60,7 +64,11 @@ def up(
     unknown = [s for s in chosen if s not in SERVICES]
     if unknown:
         raise typer.BadParameter(f"unknown service(s) {unknown}; choose from {list(SERVICES)}")
-    embedded = Embedded(home=home, postgres=postgres, services=chosen)
+    from shared.demo import BASE_ENV
+
+    if base not in BASE_ENV:
+        raise typer.BadParameter(f"unknown base model {base!r}; choose from {sorted(BASE_ENV)}")
+    embedded = Embedded(home=home, postgres=postgres, services=chosen, extra_env=BASE_ENV[base])
     stopping = False
 
     def on_signal(signum: int, _frame: Any) -> None:
