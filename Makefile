@@ -7,7 +7,7 @@ setup:
 # Set up, then run the main job: the whole loop on this machine.
 demo:
 	scripts/setup.sh --vllm
-	.venv/bin/tuneloop up --demo
+	.venv/bin/tuneloop demo
 
 # Set up, then run the whole test suite (what CI runs).
 test:
