@@ -9,7 +9,9 @@ functions as the admin API. Charts: uPlot, served from ``/ui/static`` (no CDN).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote
@@ -30,9 +32,11 @@ from services.gateway.ui.data import (
     loss_curve,
     run_view,
     runs_table,
+    trace_rows,
 )
 from shared.events import Event, RolloutChanged
 from shared.storage import ArtifactStore
+from shared.telemetry import default_span_file
 
 __all__ = ["Dashboard", "EventLog", "install"]
 
@@ -232,9 +236,14 @@ def install(
                 report = await ingest_report(store, view["dataset"]["report"], cache=ui.reports)
             except Exception as exc:
                 log.warning("ingest report of %s unavailable: %s", run_id, exc)
+        spans, spans_note = await asyncio.to_thread(trace_rows, default_span_file(), run_id)
+        if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+            spans_note = "spans are exported over OTLP: see the run in your tracing UI (Jaeger)"
         return ui.page(
             "run.html",
             run=view,
+            spans=spans,
+            spans_note=spans_note,
             curve=curve,
             curve_error=curve_error,
             report=report,

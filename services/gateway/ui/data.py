@@ -11,6 +11,8 @@ import asyncio
 import json
 import logging
 import time
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from shared.events import (
@@ -24,7 +26,7 @@ from shared.events import (
     StageFailed,
     TrainingDone,
 )
-from shared.runs import STAGE_ORDER, parse_stream_message, summarise_runs
+from shared.runs import STAGE_ORDER, load_spans, parse_stream_message, summarise_runs
 from shared.storage import ArtifactStore
 from shared.subjects import Namespace
 
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 MAX_EVENTS = 50_000  # the oldest are forgotten beyond this (the page says how many it holds)
 MAX_CURVE_BYTES = 5_000_000
 MAX_REPORT_BYTES = 20_000_000
+MAX_SPAN_FILE_BYTES = 50_000_000
+MAX_TRACE_ROWS = 500
 LOSS_CURVE_FILE = "loss_curve.json"
 
 
@@ -312,3 +316,53 @@ async def ingest_report(
                 }
     cache[report.sha256] = out
     return out
+
+
+def trace_rows(span_file: Path, run_id: str) -> tuple[list[dict[str, Any]], str]:
+    """The spans of every trace touching ``run_id`` as timeline rows (depth-first, with the
+    offset from the first span), and a note when the file is missing or too large."""
+    try:
+        size = span_file.stat().st_size
+    except OSError:
+        return [], f"no span file at {span_file} (OTLP export, or no spans yet)"
+    if size > MAX_SPAN_FILE_BYTES:
+        return [], f"the span file is larger than {MAX_SPAN_FILE_BYTES // 1_000_000} MB"
+    spans = load_spans(span_file)
+    traces = {s.get("trace_id") for s in spans
+              if s.get("attributes", {}).get("tuneloop.run_id") == run_id}  # fmt: skip
+    mine = [s for s in spans if s.get("trace_id") in traces and "start" in s]
+    if not mine:
+        return [], ""
+    by_id = {s["span_id"]: s for s in mine}
+    children: dict[str | None, list[dict[str, Any]]] = {}
+    for span in mine:
+        parent = span.get("parent_span_id")
+        children.setdefault(parent if parent in by_id else None, []).append(span)
+    for kids in children.values():
+        kids.sort(key=lambda s: s["start"])
+    first = min(datetime.fromisoformat(s["start"]) for s in mine)
+    rows: list[dict[str, Any]] = []
+
+    def walk(parent: str | None, depth: int) -> None:
+        for span in children.get(parent, []):
+            if len(rows) >= MAX_TRACE_ROWS:
+                return
+            offset = (datetime.fromisoformat(span["start"]) - first).total_seconds() * 1000
+            rows.append(
+                {
+                    "service": span.get("service") or "",
+                    "name": span.get("name", ""),
+                    "depth": min(depth, 20),
+                    "offset_ms": round(offset, 1),
+                    "duration_ms": float(span.get("duration_ms", 0.0)),
+                    "status": span.get("status", ""),
+                }
+            )
+            walk(span["span_id"], depth + 1)
+
+    walk(None, 0)
+    total = max((r["offset_ms"] + r["duration_ms"] for r in rows), default=0.0) or 1.0
+    for row in rows:
+        row["left_pct"] = round(100 * row["offset_ms"] / total, 2)
+        row["width_pct"] = max(0.3, round(100 * row["duration_ms"] / total, 2))
+    return rows, ""

@@ -204,7 +204,7 @@ def common(bus_settings: BusSettings, database_url: str, home: Path) -> CommonSe
 
 @pytest_asyncio.fixture
 async def seeded(
-    bus_settings: BusSettings, database_url: str, tmp_path: Path
+    bus_settings: BusSettings, database_url: str, tmp_path: Path, span_file: Path
 ) -> AsyncIterator[Seeded]:
     base_up = await FakeUpstream(MODEL, tag="base").start()
     cand_up = await FakeUpstream(MODEL, tag="cand").start()

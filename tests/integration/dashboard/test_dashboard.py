@@ -195,6 +195,10 @@ async def test_pages_in_chromium(seeded: Seeded, chromium: Path, tmp_path: Path)
             assert "duplicate" in rejected and "5" in rejected
             assert "email" in await page.locator("#pii").inner_text()
             assert "canary_started" in await page.locator("#rollout").inner_text()
+            # The run's trace from the span file (in-process spans are all "tests" here).
+            trace = page.locator("#trace table.trace tr")
+            assert await trace.count() > 1
+            assert "consume evaluation.completed" in await page.locator("#trace").inner_text()
             await page.screenshot(path=str(shots / "2-run.png"), full_page=True)
 
             # Traffic reflects a weight change made through the admin API.
@@ -214,6 +218,11 @@ async def test_pages_in_chromium(seeded: Seeded, chromium: Path, tmp_path: Path)
             assert (await stable.locator(".share").inner_text()).strip() == "65%"
             assert "weight set by admin" in await page.locator("#history").inner_text()
             await page.wait_for_selector("section.model .live-chart canvas")
+            span = await page.evaluate(
+                "() => { const x = document.querySelector('.live-chart').uplot.scales.x;"
+                " return x.max - x.min; }"
+            )
+            assert 60 <= span < 3600  # seconds: the time this page has been open, not years
             await page.screenshot(path=str(shots / "3-traffic.png"), full_page=True)
 
             # ...and an admin action from the page, after its confirmation.

@@ -129,15 +129,22 @@ function drawLive() {
     for (const el of section.querySelectorAll(".live-chart")) {
       const kind = el.dataset.kind;
       const data = [h.t].concat(h.deps.map((d) => h[kind][d]));
-      if (el.uplot && el.uplot.series.length === h.deps.length + 1) { el.uplot.setData(data); continue; }
+      const last = h.t[h.t.length - 1];
+      // At least a minute of axis, so a page just opened does not stretch a point over years.
+      const window_ = { min: Math.min(h.t[0], last - 60), max: last + 1 };
+      if (el.uplot && el.uplot.series.length === h.deps.length + 1) {
+        el.uplot.setData(data, false);
+        el.uplot.setScale("x", window_);
+        continue;
+      }
       if (el.uplot) el.uplot.destroy();
       el.uplot = new uPlot({
         title: el.dataset.title, width: 420, height: 200,
         series: [{ label: "time" }].concat(h.deps.map((d, i) => ({ label: d, stroke: COLOURS[i % COLOURS.length], width: 2 }))),
-        // At least a minute of axis, so a page just opened does not stretch two points over years.
-        scales: { x: { time: true, range: (u, min, max) => [Math.min(min, max - 60), max + 1] } },
+        scales: { x: { time: true, auto: false } },
         axes: [{ label: "time (local)" }, { label: el.dataset.title }],
       }, data, el);
+      el.uplot.setScale("x", window_);
     }
   }
 }
