@@ -20,6 +20,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import shutil
 import subprocess
@@ -53,6 +54,21 @@ class PermanentFailure(Exception):
     def __init__(self, reason: str, *, kind: str) -> None:
         super().__init__(reason)
         self.kind = kind
+
+
+def chatml_training_template(original: str) -> str:
+    """The project's ChatML template (with generation markers), plus the default system
+    prompt ``original`` inserts when a conversation has none (as SmolLM2's does)."""
+    from shared.testmodels import CHAT_TEMPLATE
+
+    found = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", original, re.DOTALL)
+    if not found or "messages[0]['role'] != 'system'" not in original:
+        return CHAT_TEMPLATE
+    default = found.group(1).replace("\\", "\\\\").replace("'", "\\'")
+    return (
+        "{% if messages and messages[0]['role'] != 'system' %}"
+        "{{ '<|im_start|>system\n" + default + "<|im_end|>\n' }}{% endif %}" + CHAT_TEMPLATE
+    )
 
 
 def emit(kind: str, **fields: Any) -> None:
@@ -155,20 +171,24 @@ class Worker:
 
     def load_tokenizer(self) -> Any:
         from transformers import AutoTokenizer
-
-        from shared.testmodels import CHAT_TEMPLATE
+        from trl.chat_template_utils import has_generation_markers
 
         tokenizer = AutoTokenizer.from_pretrained(self.spec["base_model_path"])
         template = tokenizer.chat_template or ""
-        # Loss on assistant tokens only needs {% generation %} markers in the template.
+        vocab = tokenizer.get_vocab()
+        # Loss on assistant tokens only needs {% generation %} markers in the template; a
+        # ChatML model without them (SmolLM2) gets the same ChatML with markers, keeping its
+        # default system prompt. Others are left to trl's own training templates.
         if (
             self.config.assistant_only_loss
-            and "generation" not in template
-            and "<|im_start|>" in tokenizer.get_vocab()
+            and not has_generation_markers(template)
+            and "<|im_start|>" in vocab
         ):
-            tokenizer.chat_template = CHAT_TEMPLATE
+            tokenizer.chat_template = chatml_training_template(template)
         if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+            tokenizer.pad_token = (
+                "<|endoftext|>" if "<|endoftext|>" in vocab else tokenizer.eos_token
+            )
         return tokenizer
 
     def peft_model(self, base: Any, previous_adapter: Path | None) -> Any:

@@ -182,3 +182,46 @@ def test_qdora_trains_on_the_cpu_with_a_4bit_base(tmp_path: Path, models_dir: Pa
     assert json.loads((adapter / "adapter_config.json").read_text())["use_dora"] is True
     weights = load_file(str(adapter / "adapter_model.safetensors"))
     assert any("lora_magnitude_vector" in k for k in weights)
+
+
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_a_chatml_template_without_generation_markers_gets_them_unchanged_otherwise(
+    models_dir: Path,
+) -> None:
+    """SmolLM2's template has no {% generation %} markers (trl refuses it for assistant-only
+    loss): the training template renders the same text and masks exactly the answers."""
+    from transformers import AutoTokenizer
+
+    from services.trainer.training.worker import chatml_training_template
+
+    tokenizer = AutoTokenizer.from_pretrained(models_dir / "tiny")
+    chats = [
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+        [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "it's 5"},
+            {"role": "assistant", "content": "ok"},
+        ],
+    ]
+    tokenizer.chat_template = SMOLLM2_TEMPLATE
+    original = [tokenizer.apply_chat_template(c, tokenize=False) for c in chats]
+    prompt = tokenizer.apply_chat_template(chats[0][:1], tokenize=False, add_generation_prompt=True)
+    tokenizer.chat_template = chatml_training_template(SMOLLM2_TEMPLATE)
+    assert [tokenizer.apply_chat_template(c, tokenize=False) for c in chats] == original
+    assert (
+        tokenizer.apply_chat_template(chats[0][:1], tokenize=False, add_generation_prompt=True)
+        == prompt
+    )
+    enc = tokenizer.apply_chat_template(
+        chats[1], return_dict=True, return_assistant_tokens_mask=True
+    )
+    masked = [t for t, m in zip(enc["input_ids"], enc["assistant_masks"], strict=True) if m]
+    assert tokenizer.decode(masked) == "ok<|im_end|>"
