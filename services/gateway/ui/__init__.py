@@ -29,12 +29,14 @@ from services.gateway.ui.data import (
     EventLog,
     curve_series,
     ingest_report,
+    lineage,
     loss_curve,
     run_view,
     runs_table,
     trace_rows,
 )
 from shared.events import Event, RolloutChanged
+from shared.interactions import Interaction
 from shared.storage import ArtifactStore
 from shared.telemetry import default_span_file
 
@@ -248,6 +250,35 @@ def install(
             curve_error=curve_error,
             report=report,
             page="runs",
+        )
+
+    @router.get("/ui/lineage", include_in_schema=False)
+    async def lineage_page(request: Request) -> Response:
+        """From a response id or a deployment id: model → adapter → dataset → sources."""
+        if not allowed(request):
+            return ui.refused(request)
+        query = request.query_params.get("q", "").strip()[:200]
+        steps: list[dict[str, Any]] = []
+        answered: dict[str, Any] | None = None
+        if query:
+            events = await ui.events.refresh()
+            steps = lineage(events, query)
+            if not steps:
+                async with state.db.session() as session:
+                    row = await session.get(Interaction, query)
+                if row is not None:
+                    answered = {
+                        "id": row.id,
+                        "at": row.created_at.isoformat(timespec="seconds"),
+                        "deployment_id": row.deployment_id,
+                        "model": row.served_model_name,
+                        "status": row.status_code,
+                        "feedback": row.feedback_rating,
+                    }
+                    steps = lineage(events, row.deployment_id)
+        status = 404 if query and not steps else 200
+        return ui.page(
+            "lineage.html", status, q=query, steps=steps, answered=answered, page="lineage"
         )
 
     @router.get("/ui/traffic", include_in_schema=False)

@@ -19,6 +19,7 @@ from shared.events import (
     AdapterQuantized,
     ArtifactRef,
     DatasetReady,
+    DatasetSubmitted,
     EvaluationCompleted,
     Event,
     ModelDeployed,
@@ -366,3 +367,60 @@ def trace_rows(span_file: Path, run_id: str) -> tuple[list[dict[str, Any]], str]
         row["left_pct"] = round(100 * row["offset_ms"] / total, 2)
         row["width_pct"] = max(0.3, round(100 * row["duration_ms"] / total, 2))
     return rows, ""
+
+
+def _step(kind: str, ident: str, run_id: str, detail: str = "") -> dict[str, Any]:
+    return {"kind": kind, "id": ident, "run_id": run_id, "detail": detail}
+
+
+def lineage(events: list[Event], deployment_id: str) -> list[dict[str, Any]]:
+    """deployment → model → adapter → dataset version → its sources, from the events (each
+    step names the run it belongs to). Empty when the deployment is unknown."""
+    deployed = next(
+        (
+            e
+            for e in reversed(events)
+            if isinstance(e, ModelDeployed) and e.deployment_id == deployment_id
+        ),
+        None,
+    )
+    if deployed is None:
+        return []
+    where = f"{deployed.role} on {deployed.engine}, served as {deployed.served_model_name}"
+    steps = [_step("deployment", deployed.deployment_id, deployed.run_id, where)]
+    quantized = next(
+        (e for e in events if isinstance(e, AdapterQuantized) and e.model_id == deployed.model_id),
+        None,
+    )
+    if quantized is None:
+        steps.append(_step("model", deployed.model_id, deployed.run_id, "a base model"))
+        return steps
+    made = f"{quantized.format} of {quantized.base_model}"
+    steps.append(_step("model", deployed.model_id, quantized.run_id, made))
+    trained = next(
+        (e for e in events if isinstance(e, TrainingDone) and e.adapter_id == quantized.adapter_id),
+        None,
+    )
+    if trained is None:
+        steps.append(_step("adapter", quantized.adapter_id, quantized.run_id, "not in the stream"))
+        return steps
+    how = f"{trained.method} on {trained.base_model}"
+    steps.append(_step("adapter", trained.adapter_id, trained.run_id, how))
+    ready = next(
+        (e for e in events if isinstance(e, DatasetReady) and e.dataset_id == trained.dataset_id),
+        None,
+    )
+    if ready is None:
+        steps.append(_step("dataset", trained.dataset_id, trained.run_id, "not in the stream"))
+        return steps
+    previous = f", follows {ready.previous_dataset_id}" if ready.previous_dataset_id else ""
+    counts = f"{ready.counts.train} train / {ready.counts.validation} validation records"
+    what = f"{ready.dataset_name} ({ready.origin}), {counts}{previous}"
+    steps.append(_step("dataset", ready.dataset_id, ready.run_id, what))
+    for sub in events:
+        if isinstance(sub, DatasetSubmitted) and sub.run_id == ready.run_id:
+            steps.extend(_step("source file", uri, sub.run_id) for uri in sub.files[:50])
+    if ready.origin == "harvest":
+        harvested = "production answers with positive feedback (gateway_interactions)"
+        steps.append(_step("source", "harvested interactions", ready.run_id, harvested))
+    return steps

@@ -20,6 +20,7 @@ from tests.integration.dashboard.conftest import (
     RUN,
     Seeded,
 )
+from tests.integration.streams import eventually
 
 CHROMIUM_ARGS = [
     "--headless",
@@ -127,7 +128,36 @@ async def test_http_surface(seeded: Seeded) -> None:
     """Unauthenticated visits are refused; the login cookie works; hostile and malformed input
     (forms, cookies, action bodies, run ids) is answered with 4xx, never executed or 500."""
     await check_refusals(seeded)
+    await check_lineage(seeded)
     await check_login_and_actions(seeded)
+
+
+async def check_lineage(seeded: Seeded) -> None:
+    async with client(seeded, headers=BEARER) as c:
+        page = await c.get("/ui/lineage", params={"q": seeded.candidate})
+        assert page.status_code == 200
+        for ident in ("m-0001", "ad-0001", "ds-0001", "bf16-merged", RUN):
+            assert ident in page.text
+        hostile = await c.get("/ui/lineage", params={"q": HOSTILE})
+        assert hostile.status_code == 404 and HOSTILE not in hostile.text
+        assert (await c.get("/ui/lineage", params={"q": "x" * 20_000})).status_code == 404
+        # A real answer through the gateway, captured, then traced back from its response id.
+        made = await c.post("/admin/keys", json={"scopes": ["client"]})
+        as_client = {"Authorization": f"Bearer {made.json()['key']}"}
+        answer = await c.post(
+            "/v1/chat/completions",
+            json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+            headers=as_client,
+        )
+        assert answer.status_code == 200, answer.text
+        response_id = answer.json()["id"]
+        served_by = answer.headers["x-tuneloop-deployment"]
+
+        async def traced() -> bool:
+            r = await c.get("/ui/lineage", params={"q": response_id})
+            return r.status_code == 200 and served_by in r.text and "answered by" in r.text
+
+        await eventually(traced, timeout_s=15, what="the captured response's lineage")
 
 
 async def test_pages_in_chromium(seeded: Seeded, chromium: Path, tmp_path: Path) -> None:
@@ -233,6 +263,15 @@ async def test_pages_in_chromium(seeded: Seeded, chromium: Path, tmp_path: Path)
             cand = page.locator(f'tr[data-deployment="{seeded.candidate}"]')
             assert (await cand.locator(".weight").inner_text()).strip() == "60%"
             await page.screenshot(path=str(shots / "4-traffic-after.png"), full_page=True)
+
+            # Lineage of the canary: model, adapter, dataset version.
+            await page.click("nav a[href='/ui/lineage']")
+            await page.fill("input[name=q]", seeded.candidate)
+            async with page.expect_navigation():
+                await page.click("button[type=submit]")
+            chain = await page.locator("#lineage").inner_text()
+            assert all(k in chain for k in ("deployment", "model", "adapter", "dataset"))
+            await page.screenshot(path=str(shots / "5-lineage.png"), full_page=True)
             assert errors == []
         finally:
             await browser.close()
