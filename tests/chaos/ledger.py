@@ -370,6 +370,7 @@ async def db_outage(
     outage_s: float,
     backoff_s: tuple[float, ...] | None = None,
     max_deliver: int | None = None,
+    recover_timeout_s: float = 120.0,
 ) -> Result:
     """Scenario 3: PostgreSQL stopped under a running service (a real :class:`ServiceRuntime`)
     while events keep arriving; it is resumed on the same data directory after ``outage_s``.
@@ -420,7 +421,7 @@ async def db_outage(
             await asyncio.sleep(outage_s)
             await asyncio.to_thread(pg.resume)
             t0 = time.monotonic()
-            await _wait_effects(db, result.acknowledged, 120)
+            await _wait_effects(db, result.acknowledged, recover_timeout_s)
             result.recover_s = time.monotonic() - t0
             readyz = await http.get("/readyz")
             result.ready_after = readyz.status_code == 200

@@ -60,3 +60,25 @@ async def test_poison_input_is_dead_lettered_and_does_not_block(make_world):
     assert "poison payload: this handler always crashes on it" in listing
     assert "deliveries=4" in listing
     assert "schema validation failed" in listing
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding (README): infrastructure errors count against max_deliver, so an outage "
+    "longer than the retry budget dead-letters every event that arrived during it",
+)
+async def test_postgres_outage_longer_than_the_retry_budget(nats_server, tmp_path, span_file):
+    # Budget 0.2 + 0.2 s over 3 deliveries, outage 4 s: the same shape as the defaults'
+    # 81 s budget against a two-minute outage.
+    result = await db_outage(
+        tmp_path,
+        nats_server.url,
+        events=10,
+        outage_s=4.0,
+        backoff_s=(0.2,),
+        max_deliver=3,
+        recover_timeout_s=10.0,
+    )
+    print(result.row(), result.notes)
+    assert result.dead_letters == 0
+    assert result.handled == set(range(10))
