@@ -6,4 +6,8 @@ cd "$(dirname "$0")/.."
 echo "== ruff"; .venv/bin/ruff check .
 echo "== ruff format"; .venv/bin/ruff format --check .
 echo "== mypy"; .venv/bin/mypy shared services
-echo "== pytest"; exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# A private temp root: pytest prunes old /tmp/pytest-of-$USER/ dirs at start-up, which would
+# pull the data directories out from under another session's servers.
+basetemp=$(mktemp -d /tmp/tuneloop-tests.XXXXXX)
+echo "== pytest (temp: $basetemp)"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --basetemp="$basetemp/t" "$@"
