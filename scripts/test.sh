@@ -10,4 +10,5 @@ echo "== mypy"; .venv/bin/mypy shared services
 # pull the data directories out from under another session's servers.
 basetemp=$(mktemp -d /tmp/tuneloop-tests.XXXXXX)
 echo "== pytest (temp: $basetemp)"
-exec .venv/bin/python -m pytest -q -p no:cacheprovider --basetemp="$basetemp/t" "$@"
+trap 'rm -rf "$basetemp"' EXIT
+.venv/bin/python -m pytest -q -p no:cacheprovider --basetemp="$basetemp/t" "$@"
