@@ -119,6 +119,21 @@ async def check_login_and_actions(seeded: Seeded) -> None:
         routes = (await c.get("/admin/routes", headers=BEARER)).json()["models"][MODEL]
         weights = {r["deployment_id"]: r["weight"] for r in routes}
         assert weights[seeded.candidate] == pytest.approx(0.4)
+        rolled = await c.post(
+            act, json={"action": "rollback", "deployment_id": seeded.candidate}, headers=ok_headers
+        )
+        assert rolled.status_code == 200 and rolled.json()["events"][0]["action"] == "rolled_back"
+        again = await c.post(
+            act, json={"action": "rollback", "deployment_id": seeded.candidate}, headers=ok_headers
+        )
+        assert again.status_code == 409  # nothing left to roll back
+        promoted = await c.post(
+            act, json={"action": "promote", "deployment_id": seeded.candidate}, headers=ok_headers
+        )
+        assert promoted.status_code == 200 and promoted.json()["events"][0]["action"] == "promoted"
+        routes = (await c.get("/admin/routes", headers=BEARER)).json()["models"][MODEL]
+        states = {r["deployment_id"]: r["state"] for r in routes}
+        assert states == {seeded.candidate: "stable", seeded.base_deployment: "previous"}
         # Signing out clears the cookie.
         await c.post("/ui/logout")
         assert (await c.get("/ui/api/runs")).status_code == 401
