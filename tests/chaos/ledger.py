@@ -22,6 +22,7 @@ from pathlib import Path
 
 import nats
 from nats.errors import NoRespondersError
+from nats.js.errors import NoStreamResponseError
 from sqlalchemy import text
 
 from shared.bus import EventBus, PublishError
@@ -213,8 +214,8 @@ async def publish_classified(bus: EventBus, n: int, result: Result) -> None:
     try:
         await bus.publish(ledger_event(n))
     except PublishError as exc:
-        if isinstance(exc.__cause__, NoRespondersError):
-            result.failed.add(n)  # the server answered: no stream took it
+        if isinstance(exc.__cause__, NoRespondersError | NoStreamResponseError):
+            result.failed.add(n)  # the server answered 503: no stream took it
         else:
             result.unknown.add(n)  # timeout / connection lost: it may or may not be stored
         return
