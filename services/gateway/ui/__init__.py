@@ -76,6 +76,7 @@ class Dashboard:
         )
 
     def page(self, name: str, status: int = 200, **context: Any) -> HTMLResponse:
+        context.setdefault("stale", self.events.error)
         html = self.templates.get_template(name).render(**context)
         return HTMLResponse(html, status_code=status, headers=_SECURITY_HEADERS)
 

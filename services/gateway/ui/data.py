@@ -38,6 +38,7 @@ MAX_CURVE_BYTES = 5_000_000
 MAX_REPORT_BYTES = 20_000_000
 MAX_SPAN_FILE_BYTES = 50_000_000
 MAX_TRACE_ROWS = 500
+READ_TIMEOUT_S = 5.0
 LOSS_CURVE_FILE = "loss_curve.json"
 
 
@@ -54,12 +55,20 @@ class EventLog:
         self._nc: Any = None
         self._lock = asyncio.Lock()
         self._checked = 0.0
+        self.error = ""
 
     async def refresh(self, *, force: bool = False) -> list[Event]:
         async with self._lock:
             if force or time.monotonic() - self._checked >= self.min_interval_s:
-                await self._read_new()
                 self._checked = time.monotonic()
+                try:
+                    # Bounded: a page never waits long on an unreachable or slow stream.
+                    async with asyncio.timeout(READ_TIMEOUT_S):
+                        await self._read_new()
+                    self.error = ""
+                except Exception as exc:  # NATS away: show what we have, say it is stale
+                    log.warning("dashboard: cannot read the event stream: %s", exc)
+                    self.error = f"the event stream could not be read ({type(exc).__name__})"
             return self.events
 
     async def _read_new(self) -> None:
@@ -67,7 +76,9 @@ class EventLog:
         from nats.js.api import ConsumerConfig, DeliverPolicy
 
         if self._nc is None or self._nc.is_closed:
-            self._nc = await nats.connect(self.nats_url, connect_timeout=3)
+            self._nc = await nats.connect(
+                self.nats_url, connect_timeout=2, max_reconnect_attempts=1
+            )
         js = self._nc.jetstream()
         info = await js.stream_info(self.ns.stream)
         last = info.state.last_seq
@@ -260,6 +271,8 @@ async def loss_curve(
     itself from the adapter's manifest, not the whole adapter. Empty when it is absent."""
     if adapter.sha256 in cache:
         return list(cache[adapter.sha256])
+    if adapter.size_bytes > MAX_CURVE_BYTES:  # the manifest itself: a list of files
+        return []
     manifest = json.loads(await store.get_bytes(adapter))
     entry = next((f for f in manifest.get("files", []) if f.get("path") == LOSS_CURVE_FILE), None)
     points: list[dict[str, Any]] = []

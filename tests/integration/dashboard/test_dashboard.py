@@ -145,6 +145,19 @@ async def test_http_surface(seeded: Seeded) -> None:
     await check_refusals(seeded)
     await check_lineage(seeded)
     await check_login_and_actions(seeded)
+    await check_stream_away(seeded)
+
+
+async def check_stream_away(seeded: Seeded) -> None:
+    """NATS unreachable: the pages still answer, from what was read, and say it is stale."""
+    events = seeded.gw.dashboard.events
+    await events.close()
+    events.nats_url = "nats://127.0.0.1:1"
+    events._checked = 0.0
+    async with client(seeded, headers=BEARER) as c:
+        page = await c.get("/ui/runs")
+    assert page.status_code == 200
+    assert RUN in page.text and 'id="stale"' in page.text
 
 
 async def check_lineage(seeded: Seeded) -> None:
