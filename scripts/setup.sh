@@ -39,6 +39,13 @@ else
   echo "setup: .venv is up to date"
 fi
 
+# Headless Chromium for the dashboard's browser tests (Debian's package; never a download of
+# a browser build). Only where we may install system packages.
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "setup: installing Debian's chromium (dashboard browser tests)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+
 if [ "$WANT_VLLM" = 1 ] && [ -x scripts/setup-vllm.sh ]; then
   scripts/setup-vllm.sh
 fi
