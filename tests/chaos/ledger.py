@@ -252,10 +252,11 @@ async def _nemesis(
     stop: asyncio.Event,
 ) -> None:
     """Kill things at random points until ``faults`` faults were injected."""
-    for _ in range(faults):
+    choices = (["broker"] if broker else []) + (["consumer"] if consumers else [])
+    # Each kind at least once (in a random order), then at random.
+    plan = rng.sample(choices, len(choices)) + [rng.choice(choices) for _ in range(faults)]
+    for what in plan[: max(faults, len(choices))]:
         await asyncio.sleep(rng.uniform(0.3, 1.2))
-        choices = (["broker"] if broker else []) + (["consumer"] if consumers else [])
-        what = rng.choice(choices)
         if what == "broker":
             world.kill_broker()
             result.faults.append(f"broker-kill at {time.monotonic():.1f}")
@@ -285,7 +286,8 @@ async def ledger(
     ``via_outbox``: each event is committed to the outbox (acknowledged = committed) and a
     relay publishes it, as a service's handler does."""
     result = Result("ledger (outbox)" if via_outbox else "ledger (publish)")
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # the nemesis's own: the producer's pacing must not shift it
+    pace = random.Random(seed + 1)
     stop = asyncio.Event()
     bus = EventBus(world.settings, service="chaos-producer")
     await bus.start()
@@ -310,7 +312,7 @@ async def ledger(
             else:
                 await publish_classified(bus, n, result)
             n += 1
-            await asyncio.sleep(rng.uniform(0.0, 0.03))
+            await asyncio.sleep(pace.uniform(0.0, 0.03))
         await nemesis
         for i, p in enumerate(world.procs):  # anything the nemesis left dead comes back
             if p.poll() is not None:
