@@ -173,6 +173,9 @@ class EventBus:
         self._stream = JStream(self.ns.stream, declare=False)
         self.subscriptions: list[Subscription[Any]] = []
         self._started = False
+        # Deliveries that failed because a dependency was down, per (consumer, stream seq):
+        # they do not count against max_deliver (this process's view; a restart forgets).
+        self._excused: dict[tuple[str, int], int] = {}
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -344,7 +347,9 @@ class EventBus:
                 return
             for key, value in _event_attributes(event, subject).items():
                 span.set_attribute(key, value)
-            if attempt > sub.max_deliver:
+            seq_key = (sub.durable, raw.metadata.sequence.stream if raw.metadata.sequence else 0)
+            counted = attempt - self._excused.get(seq_key, 0)
+            if counted > sub.max_deliver:
                 # Earlier deliveries died without an answer (a crashing consumer).
                 await self._dead_letter(
                     sub,
@@ -380,7 +385,21 @@ class EventBus:
                 except Exception as exc:
                     span.record_exception(exc)
                     span.set_status(Status(StatusCode.ERROR, repr(exc)))
-                    if attempt >= sub.max_deliver:
+                    if is_infrastructure_outage(exc):
+                        # The database or a peer is unreachable: the message is not at fault,
+                        # so an outage longer than the retry budget must not dead-letter it.
+                        excused = self._excused[seq_key] = self._excused.get(seq_key, 0) + 1
+                        delay = sub.backoff_s[min(excused - 1, len(sub.backoff_s) - 1)]
+                        log.warning(
+                            "dependency unavailable (delivery %d, not counted), retrying in "
+                            "%.1fs: %r",
+                            attempt,
+                            delay,
+                            exc,
+                        )
+                        await msg.nack(delay=delay)
+                        return
+                    if counted >= sub.max_deliver:
                         log.error("giving up after %d attempts: %r", attempt, exc)
                         await self._dead_letter(
                             sub,
@@ -392,16 +411,17 @@ class EventBus:
                             attempt,
                         )
                         return
-                    delay = sub.backoff_s[min(attempt - 1, len(sub.backoff_s) - 1)]
+                    delay = sub.backoff_s[min(counted - 1, len(sub.backoff_s) - 1)]
                     log.warning(
                         "handler failed (attempt %d/%d), retrying in %.1fs: %r",
-                        attempt,
+                        counted,
                         sub.max_deliver,
                         delay,
                         exc,
                     )
                     await msg.nack(delay=delay)
                     return
+                self._excused.pop(seq_key, None)
                 await msg.ack()
                 log.debug(
                     "handled %s in %.3fs", sub.event_type.__name__, time.perf_counter() - started
@@ -421,6 +441,7 @@ class EventBus:
         itself fails, the message is nak'ed instead, so nothing is lost."""
         raw = msg.raw_message
         seq = raw.metadata.sequence.stream if raw.metadata.sequence else 0
+        self._excused.pop((sub.durable, seq), None)
         dlq_headers = {
             k: v for k, v in headers.items() if k != MSG_ID_HEADER and not k.startswith("Nats-")
         }
@@ -449,6 +470,23 @@ class EventBus:
         log.error("dead-lettered message %s from %s: %s", seq, subject, reason)
         await msg.reject()
         trace.get_current_span().add_event("dead-lettered", {"reason": reason[:500]})
+
+
+def is_infrastructure_outage(exc: BaseException) -> bool:
+    """A connection-level failure of a dependency (database, broker, store, peer): retrying
+    later can help and the message is not to blame."""
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ConnectionError | InterfaceError | OperationalError):
+            return True
+        if isinstance(current, DBAPIError) and current.connection_invalidated:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _raw_body(msg: Any) -> Any:

@@ -62,11 +62,6 @@ async def test_poison_input_is_dead_lettered_and_does_not_block(make_world):
     assert "schema validation failed" in listing
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding (README): infrastructure errors count against max_deliver, so an outage "
-    "longer than the retry budget dead-letters every event that arrived during it",
-)
 async def test_postgres_outage_longer_than_the_retry_budget(nats_server, tmp_path, span_file):
     # Budget 0.2 + 0.2 s over 3 deliveries, outage 4 s: the same shape as the defaults'
     # 81 s budget against a two-minute outage.
