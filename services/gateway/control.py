@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -28,12 +28,13 @@ from services.gateway.capture import CaptureRecord, CaptureSink, apply_feedback
 from services.gateway.keys import KeyInfo, KeyRing, RateLimiter
 from services.gateway.models import GatewayDeployment, GatewayFeedback, GatewayReplicaStats
 from services.gateway.routing import state as route_state
-from services.gateway.routing.policy import Slo, decide
+from services.gateway.routing.policy import Decision, Slo, decide
 from services.gateway.routing.stats import LiveStats, WindowStats, merge
 from services.gateway.routing.table import Route, Upstream
 from services.gateway.settings import GatewaySettings
 from shared.db import Database, utcnow
 from shared.events import Event, RolloutChanged
+from shared.telemetry import extract_trace_context, tracer
 
 log = logging.getLogger(__name__)
 
@@ -427,34 +428,60 @@ class GatewayState:
                 continue
             metrics = {f"canary_{k}": v for k, v in canary_stats.as_dict().items()}
             metrics.update({f"stable_{k}": v for k, v in stable_stats.as_dict().items()})
-            async with self.changing() as session:
-                if decision.action == "rollback":
-                    events = await route_state.rollback(
-                        session,
-                        row.deployment_id,
-                        expected_step=row.step,
-                        reason=decision.reason,
-                        metrics=metrics,
-                    )
-                elif decision.action == "promote":
-                    events = await route_state.promote(
-                        session,
-                        row.deployment_id,
-                        expected_step=row.step,
-                        reason=decision.reason,
-                        metrics=metrics,
-                    )
-                else:
-                    assert decision.next_step is not None
-                    events = await route_state.advance(
-                        session,
-                        row.deployment_id,
-                        expected_step=row.step,
-                        new_step=decision.next_step,
-                        weight=steps[decision.next_step],
-                        reason=decision.reason,
-                        metrics=metrics,
-                    )
-                await self.emit_all(session, events)
-            done.extend(events)
+            with _decision_span(row, decision.action):
+                done.extend(await self._apply(row, decision, steps, metrics))
         return done
+
+    async def _apply(
+        self,
+        row: GatewayDeployment,
+        decision: Decision,
+        steps: list[float],
+        metrics: dict[str, float],
+    ) -> list[RolloutChanged]:
+        """Apply one canary decision (and emit its events) in one transaction."""
+        async with self.changing() as session:
+            if decision.action == "rollback":
+                events = await route_state.rollback(
+                    session,
+                    row.deployment_id,
+                    expected_step=row.step,
+                    reason=decision.reason,
+                    metrics=metrics,
+                )
+            elif decision.action == "promote":
+                events = await route_state.promote(
+                    session,
+                    row.deployment_id,
+                    expected_step=row.step,
+                    reason=decision.reason,
+                    metrics=metrics,
+                )
+            else:
+                assert decision.next_step is not None
+                events = await route_state.advance(
+                    session,
+                    row.deployment_id,
+                    expected_step=row.step,
+                    new_step=decision.next_step,
+                    weight=steps[decision.next_step],
+                    reason=decision.reason,
+                    metrics=metrics,
+                )
+            await self.emit_all(session, events)
+        return events
+
+
+@contextlib.contextmanager
+def _decision_span(row: GatewayDeployment, action: str) -> Iterator[None]:
+    """A live-stats decision joins the trace of the run whose evaluation started the canary."""
+    if not row.trace_parent:
+        yield
+        return
+    parent = extract_trace_context({"traceparent": row.trace_parent})
+    with tracer("tuneloop.gateway").start_as_current_span(
+        f"canary {action}",
+        context=parent,
+        attributes={"tuneloop.run_id": row.run_id, "tuneloop.deployment_id": row.deployment_id},
+    ):
+        yield

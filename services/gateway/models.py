@@ -33,6 +33,8 @@ class GatewayDeployment(SQLModel, table=True):
     run_id: str = Field(sa_column=Column(String(200), nullable=False))
     # The event that caused the last change (lineage for the next RolloutChanged).
     cause_event_id: str | None = Field(default=None, sa_column=Column(String(36)))
+    # Its W3C traceparent: decisions taken later from live stats continue the run's trace.
+    trace_parent: str | None = Field(default=None, sa_column=Column(String(64)))
     # The model name the upstream itself serves (None: the served_model_name).
     upstream_model: str | None = Field(default=None, sa_column=Column(String(2048)))
     max_context_tokens: int | None = Field(default=None, sa_column=Column(Integer))

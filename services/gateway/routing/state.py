@@ -19,9 +19,15 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from services.gateway.models import GatewayDeployment
 from shared.db import utcnow
 from shared.events import EvaluationCompleted, ModelDeployed, RolloutChanged
+from shared.telemetry import inject_trace_headers
 
 PRODUCER = "gateway"
 RolloutAction = Literal["canary_started", "advanced", "promoted", "rolled_back", "refused"]
+
+
+def current_traceparent() -> str | None:
+    """The handler's trace context, kept so later decisions join the same run's trace."""
+    return inject_trace_headers({}).get("traceparent")
 
 
 class UnknownDeployment(LookupError):
@@ -108,6 +114,7 @@ async def register_deployment(
         role=event.role,
         run_id=event.run_id,
         cause_event_id=str(event.event_id),
+        trace_parent=current_traceparent(),
         upstream_model=upstream_model,
         max_context_tokens=max_context_tokens,
         state="pending",
@@ -138,6 +145,7 @@ async def apply_evaluation(
     row = await get(session, event.deployment_id)
     now = utcnow()
     row.cause_event_id = str(event.event_id)
+    row.trace_parent = current_traceparent()
     metrics = {"overall_score": event.overall_score, "p95_ms": event.latency.p95_ms}
     if row.state not in ("pending",):
         return []  # evaluated again after it already moved on: nothing to change
