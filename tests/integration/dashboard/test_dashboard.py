@@ -269,6 +269,17 @@ async def test_pages_in_chromium(seeded: Seeded, chromium: Path, tmp_path: Path)
                 assert changed.status_code == 200, changed.text
             await page.click("nav a[href='/ui/traffic']")
             await page.wait_for_selector("body[data-ready='1']")
+
+            async def history_shows_the_change() -> bool:
+                # The route table is read from the DB at once; the history comes from the
+                # stream, which the admin change reaches through the outbox relay a moment later.
+                if "weight set by admin" in await page.locator("#history").inner_text():
+                    return True
+                await page.reload()
+                await page.wait_for_selector("body[data-ready='1']")
+                return False
+
+            await eventually(history_shows_the_change, timeout_s=20, what="history of the change")
             cand = page.locator(f'tr[data-deployment="{seeded.candidate}"]')
             assert (await cand.locator(".weight").inner_text()).strip() == "35%"
             assert (await cand.locator(".state").inner_text()).strip() == "canary"
