@@ -146,6 +146,9 @@ async def test_openai_client_through_gateway_to_real_vllm(
         assert answer.usage.completion_tokens >= 1
         assert len([p for p in pieces if p]) >= 2  # passed through token by token
         assert status == 400
+        # Capture is asynchronous by design (a request never waits for it): the streamed
+        # answer is recorded a moment after its last chunk reached the client.
+        await eventually(lambda: _count_is(db_url, 2), timeout_s=30, what="both captured")
 
     rows = await _rows(db_url)
     assert {r.deployment_id for r in rows} == {"tiny-base"} and len(rows) == 2
@@ -157,6 +160,10 @@ async def _ok(http: httpx.AsyncClient, url: str) -> bool:
         return (await http.get(url)).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+async def _count_is(db_url: str, n: int) -> bool:
+    return len(await _rows(db_url)) == n
 
 
 async def _rows(db_url: str) -> list[Interaction]:
