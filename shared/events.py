@@ -91,6 +91,24 @@ class StageFailed(Event):
 # ---------------------------------------------------------------- ingest
 
 
+class TrainingSpec(_Frozen):
+    """How to train on one dataset version, set by whoever asks for the run.
+
+    Unset fields fall back to the trainer's settings (``TRAINER_PROFILE``, ``TRAINER_METHOD``,
+    ``TRAINER_BASE_MODEL``, ``TRAINER_OVERRIDES``); ``overrides`` are applied over the profile
+    exactly like ``TRAINER_OVERRIDES`` (per-event keys win). The trainer validates the result
+    and refuses an invalid or forbidden one with ``TrainingFailed``; the spec is part of the
+    resolved config, so a different spec on the same dataset trains a different adapter.
+    """
+
+    profile: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,49}$")
+    method: TrainingMethod | None = None
+    base_model: str | None = Field(default=None, min_length=1, max_length=500)
+    overrides: dict[str, bool | int | float | str | list[str] | None] = Field(
+        default_factory=dict, max_length=64
+    )
+
+
 class DatasetSubmitted(Event):
     """Command-style event: files already in the artifact store, to be ingested."""
 
@@ -101,6 +119,8 @@ class DatasetSubmitted(Event):
     files: list[str] = Field(min_length=1, max_length=1000)
     format: Literal["auto", "alpaca", "openai", "sharegpt"] = "auto"
     domain: str | None = Field(default=None, max_length=200)
+    # Passed on unchanged to the DatasetReady this produces.
+    training: TrainingSpec | None = None
 
     @field_validator("files")
     @classmethod
@@ -131,6 +151,9 @@ class DatasetReady(Event):
     counts: SplitCounts
     counts_by_category: dict[str, int] = Field(default_factory=dict)
     counts_by_source: dict[str, int] = Field(default_factory=dict)
+    # Per-run training settings (None: the trainer's own settings). Re-publishing a
+    # DatasetReady with another spec retrains the same data differently.
+    training: TrainingSpec | None = None
 
 
 class DatasetRejected(StageFailed):
@@ -221,6 +244,18 @@ class ModelDeployed(Event):
     validation: ArtifactRef | None = None
 
 
+class DeploymentRetired(Event):
+    """Inference stopped serving a deployment and released its engine; routes to it go."""
+
+    subject = subjects.DEPLOYMENT_RETIRED
+    stage = "inference"
+
+    deployment_id: str = Field(pattern=_ID)
+    model_id: str = Field(pattern=_ID)
+    served_model_name: str = Field(min_length=1, max_length=200)
+    reason: str = Field(default="", max_length=4000)
+
+
 class DeploymentFailed(StageFailed):
     subject = subjects.DEPLOYMENT_FAILED
     stage = "inference"
@@ -294,6 +329,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     AdapterQuantized,
     QuantizationFailed,
     ModelDeployed,
+    DeploymentRetired,
     DeploymentFailed,
     EvaluationCompleted,
     EvaluationFailed,

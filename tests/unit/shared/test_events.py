@@ -19,6 +19,7 @@ from shared.events import (
     StageFailed,
     TrainingDone,
     TrainingFailed,
+    TrainingSpec,
 )
 
 REF = ArtifactRef(uri="file:///a/b", sha256="a" * 64, size_bytes=3)
@@ -103,3 +104,26 @@ def test_every_event_has_a_unique_subject_and_each_stage_a_failure_event():
 def test_submitted_files_must_be_store_uris():
     with pytest.raises(ValidationError, match="file:// or gs://"):
         DatasetSubmitted(run_id="r", producer="p", dataset_name="d", files=["/etc/passwd"])
+
+
+def test_a_training_spec_travels_with_the_dataset_and_round_trips():
+    spec = TrainingSpec(method="lora", profile="cpu-tiny", overrides={"lr": 1e-4, "rank": 8})
+    event = ready(training=spec)
+    again = DatasetReady.model_validate_json(event.model_dump_json())
+    assert again.training == spec
+    assert ready().training is None  # the trainer's own settings apply
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"method": "full-finetune"},
+        {"profile": "../../etc"},
+        {"overrides": {"lr": {"nested": "object"}}},
+        {"overrides": {f"k{i}": 1 for i in range(65)}},
+        {"unknown": 1},
+    ],
+)
+def test_hostile_training_specs_are_refused(bad):
+    with pytest.raises(ValidationError):
+        TrainingSpec(**bad)
