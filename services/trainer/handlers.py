@@ -36,6 +36,7 @@ from services.trainer.training.data import (
     read_records,
 )
 from services.trainer.training.runner import Outcome, run_worker
+from shared import failpoints
 from shared.basemodels import resolve_base_model
 from shared.bus import PermanentError
 from shared.db import utcnow
@@ -332,6 +333,7 @@ async def _train(
                 plan.adapter_id, ref=ref, phase=str(update["phase"]), step=int(update["step"])
             )
             log.info("checkpoint %s step %s stored at %s", update["phase"], update["step"], ref.uri)
+            failpoints.hit("trainer.checkpoint.stored")
 
     async def beat() -> None:
         while True:
