@@ -34,7 +34,7 @@ from services.ingest.pipeline.chunks import ChunkJob, Rules, process_chunk
 from services.ingest.pipeline.formats import FORMATS, SourceFile
 from services.ingest.settings import IngestSettings
 from shared.bus import Delivery
-from shared.events import DatasetSubmitted
+from shared.events import DatasetSubmitted, TrainingSpec
 from shared.service import ServiceRuntime, run_service
 from shared.storage import LocalBackend
 
@@ -58,6 +58,21 @@ def make_executor(settings: IngestSettings) -> Executor | None:
     for future in [pool.submit(process_chunk, warm) for _ in range(workers)]:
         future.result()
     return pool
+
+
+def parse_training(raw: str | None) -> TrainingSpec | None:
+    """The optional ``training`` field (JSON of a TrainingSpec); raises ValueError with a
+    message fit for the caller when it is not one."""
+    if raw is None or not raw.strip():
+        return None
+    try:
+        return TrainingSpec.model_validate_json(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'training'}: {e['msg']}"
+            for e in exc.errors()[:10]
+        )
+        raise ValueError(f"invalid training spec: {problems}"[:2000]) from None
 
 
 def valid_name(name: str) -> bool:
@@ -139,8 +154,10 @@ def add_routes(
     @runtime.http.post("/v1/datasets")
     async def upload(request: Request) -> JSONResponse:
         """Upload corpus files (multipart ``file`` parts; fields ``name``, ``format``,
-        ``domain``, ``dry_run``). 201 = new version, 200 = unchanged or dry run,
-        422 = nothing usable, 413 = too large (nothing is kept)."""
+        ``domain``, ``dry_run``, ``training`` = JSON of a TrainingSpec). 201 = new version,
+        202 = the same content as a version, announced again for a new training spec,
+        200 = unchanged or dry run, 422 = nothing usable or bad fields, 413 = too large
+        (nothing is kept)."""
         tmp = Path(tempfile.mkdtemp(prefix="ingest-upload-", dir=settings.work_dir or None))
         try:
             try:
@@ -160,6 +177,10 @@ def add_routes(
                 return JSONResponse({"detail": f"unknown format {fmt[:40]!r}"}, status_code=422)
             if not files:
                 return JSONResponse({"detail": "no file parts in the upload"}, status_code=422)
+            try:
+                training = parse_training(fields.get("training"))
+            except ValueError as exc:
+                return JSONResponse({"detail": str(exc)}, status_code=422)
             domain = (fields.get("domain") or "").strip()[:200] or None
             sources = [SourceFile(p, display, fmt, domain=domain) for p, display in files]  # type: ignore[arg-type]
             try:
@@ -172,13 +193,14 @@ def add_routes(
                     dataset_name=name,
                     dry_run=fields.get("dry_run", "").lower() in ("1", "true", "yes"),
                     config=config,
+                    training=training,
                 ),
                 ports=runtime,
                 settings=settings,
                 executor=executor,
                 root_span=False,
             )
-            status = {"created": 201, "rejected": 422}.get(outcome.status, 200)
+            status = {"created": 201, "retrain": 202, "rejected": 422}.get(outcome.status, 200)
             body: dict[str, Any] = outcome.summary()
             if outcome.status == "dry_run":
                 body["report"] = outcome.report

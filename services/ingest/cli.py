@@ -63,13 +63,22 @@ def register(app: typer.Typer) -> None:
         report: Annotated[
             Path | None, typer.Option(help="Also write the full report (JSON) here.")
         ] = None,
+        training: Annotated[
+            str | None,
+            typer.Option(
+                "--training",
+                help='Training spec for this run (JSON), e.g. \'{"method": "lora", '
+                '"overrides": {"learning_rate": 0.001}}\'. The same data with another spec '
+                "is the same version, announced again (a retrain).",
+            ),
+        ] = None,
     ) -> None:
         """Validate, scrub, deduplicate and split corpus files into a new dataset version
         (with curriculum manifests) and publish DatasetReady."""
         from rich.console import Console
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-        from services.ingest.app import make_executor, valid_name
+        from services.ingest.app import make_executor, parse_training, valid_name
         from services.ingest.handlers import IngestRequest, ingest_with_retry
         from services.ingest.pipeline.formats import FORMATS, SourceFile
         from services.ingest.pipeline.run import Pipeline
@@ -82,6 +91,10 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(f"invalid dataset name {line!r}")
         if fmt not in ("auto", *FORMATS):
             raise typer.BadParameter(f"--format must be auto or one of {FORMATS}")
+        try:
+            training_spec = parse_training(training)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--training") from None
         for path in paths:
             if not path.is_file():
                 raise typer.BadParameter(f"{path} is not a file")
@@ -126,7 +139,12 @@ def register(app: typer.Typer) -> None:
                         connected = await _start(runtime, console)
                         try:
                             outcome = await ingest_with_retry(
-                                IngestRequest(files=sources, dataset_name=line, config=config),
+                                IngestRequest(
+                                    files=sources,
+                                    dataset_name=line,
+                                    config=config,
+                                    training=training_spec,
+                                ),
                                 ports=runtime,
                                 settings=settings,
                                 executor=executor,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import shutil
 import tempfile
@@ -29,7 +30,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.ingest.models import DatasetVersion, HarvestCursor
+from services.ingest.models import DatasetRun, DatasetVersion, HarvestCursor
 from services.ingest.pipeline.formats import SourceFile
 from services.ingest.pipeline.run import Pipeline, PipelineOutput, previous_sources
 from services.ingest.settings import IngestSettings, ProcessingConfig
@@ -42,6 +43,7 @@ from shared.events import (
     Event,
     Origin,
     SplitCounts,
+    TrainingSpec,
     new_run_id,
 )
 from shared.interactions import Interaction
@@ -71,7 +73,8 @@ class InputError(Exception):
     """The request names inputs that cannot be read (the caller's mistake)."""
 
 
-Status = Literal["created", "unchanged", "rejected", "dry_run"]
+Status = Literal["created", "retrain", "unchanged", "rejected", "dry_run"]
+"""``retrain``: the content is an existing version, announced again for a new training spec."""
 
 
 @dataclass
@@ -82,6 +85,7 @@ class IngestOutcome:
     run_id: str | None
     report: dict[str, Any]
     event: DatasetReady | DatasetRejected | None = None
+    training: TrainingSpec | None = None
 
     def summary(self) -> dict[str, Any]:
         rec = self.report.get("records", {})
@@ -90,6 +94,7 @@ class IngestOutcome:
             "dataset_name": self.dataset_name,
             "dataset_id": self.dataset_id,
             "run_id": self.run_id,
+            "training": self.training.model_dump(mode="json") if self.training else None,
             "records": rec,
             "rejected_by_reason": self.report.get("rejected_by_reason", {}),
             "pii_scrubbed": self.report.get("pii_scrubbed", {}),
@@ -105,6 +110,24 @@ class IngestRequest:
     dry_run: bool = False
     config: ProcessingConfig = field(default_factory=ProcessingConfig)
     causation_id: Any = None
+    # Passed on to the DatasetReady; not part of the version (see training_key).
+    training: TrainingSpec | None = None
+
+
+def canonical_training(spec: TrainingSpec | None) -> TrainingSpec | None:
+    """None for "the trainer's own settings", however it was spelled (no spec, or one that
+    sets nothing)."""
+    if spec is None or spec == TrainingSpec():
+        return None
+    return spec
+
+
+def training_key(spec: TrainingSpec | None) -> str:
+    """What makes two specs the same request: sha256 of the canonical spec's JSON (sorted
+    keys). The dataset version does not include it: the spec is not data."""
+    canonical = canonical_training(spec)
+    data = canonical.model_dump(mode="json") if canonical else None
+    return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 # ---------------------------------------------------------------- dataset versions
@@ -261,31 +284,33 @@ async def _publish(
             log.info("dataset %s rejected: %s", name, rejected.reason)
         return IngestOutcome("rejected", name, None, run_id, output.report, rejected)
 
+    training = canonical_training(request.training)
+    key = training_key(training)
     async with ports.db.session() as session:
         existing = await session.get(DatasetVersion, output.dataset_id)
-    if existing is not None:
+        announced = await session.get(DatasetRun, (output.dataset_id, key)) if existing else None
+    if existing is not None and announced is not None:
         if in_transaction:
             async with ports.transaction() as session:
                 await in_transaction(session)
-        return IngestOutcome("unchanged", name, existing.dataset_id, existing.run_id, output.report)
+        return IngestOutcome(
+            "unchanged", name, existing.dataset_id, announced.run_id, output.report, None, training
+        )
+    if existing is not None:
+        return await _retrain(
+            request, output, existing, training, key, ports=ports, in_transaction=in_transaction
+        )
 
     refs, report_ref = await _store_outputs(ports.store, output)
     run_id = new_run_id()
-    event = DatasetReady(
+    event = _dataset_ready(
+        request,
+        output,
+        refs,
+        report_ref,
         run_id=run_id,
-        producer=PRODUCER,
-        causation_id=request.causation_id,
-        dataset_id=output.dataset_id,
-        dataset_name=name,
-        origin=request.origin,
         previous_dataset_id=previous.dataset_id if previous else None,
-        train=refs["train"],
-        validation=refs["validation"],
-        report=report_ref,
-        curriculum={k.split("-", 1)[1]: v for k, v in refs.items() if k.startswith("curriculum-")},
-        counts=SplitCounts(train=output.train_count, validation=output.validation_count),
-        counts_by_category=output.counts_by_category,
-        counts_by_source=output.counts_by_source,
+        training=training,
     )
     row = DatasetVersion(
         dataset_id=output.dataset_id,
@@ -306,6 +331,8 @@ async def _publish(
             async with ports.transaction() as session:
                 session.add(row)
                 await session.flush()
+                session.add(_run_row(event, key))
+                await session.flush()
                 if in_transaction:
                     await in_transaction(session)
                 ports.emit(session, event)
@@ -314,7 +341,13 @@ async def _publish(
                 winner = await session.get(DatasetVersion, output.dataset_id)
             if winner is not None:  # the same content, committed by another replica
                 return IngestOutcome(
-                    "unchanged", name, winner.dataset_id, winner.run_id, output.report
+                    "unchanged",
+                    name,
+                    winner.dataset_id,
+                    winner.run_id,
+                    output.report,
+                    None,
+                    training,
                 )
             raise VersionConflict(f"dataset line {name!r} gained a version meanwhile") from exc
         log.info(
@@ -325,7 +358,101 @@ async def _publish(
             output.train_count,
             output.validation_count,
         )
-    return IngestOutcome("created", name, output.dataset_id, run_id, output.report, event)
+    return IngestOutcome("created", name, output.dataset_id, run_id, output.report, event, training)
+
+
+def _dataset_ready(
+    request: IngestRequest,
+    output: PipelineOutput,
+    refs: dict[str, ArtifactRef],
+    report_ref: ArtifactRef,
+    *,
+    run_id: str,
+    previous_dataset_id: str | None,
+    training: TrainingSpec | None,
+) -> DatasetReady:
+    assert output.dataset_id is not None
+    return DatasetReady(
+        run_id=run_id,
+        producer=PRODUCER,
+        causation_id=request.causation_id,
+        dataset_id=output.dataset_id,
+        dataset_name=request.dataset_name,
+        origin=request.origin,
+        previous_dataset_id=previous_dataset_id,
+        train=refs["train"],
+        validation=refs["validation"],
+        report=report_ref,
+        curriculum={k.split("-", 1)[1]: v for k, v in refs.items() if k.startswith("curriculum-")},
+        counts=SplitCounts(train=output.train_count, validation=output.validation_count),
+        counts_by_category=output.counts_by_category,
+        counts_by_source=output.counts_by_source,
+        training=training,
+    )
+
+
+def _run_row(event: DatasetReady, key: str) -> DatasetRun:
+    return DatasetRun(
+        dataset_id=event.dataset_id,
+        training_key=key,
+        run_id=event.run_id,
+        event_id=str(event.event_id),
+        created_at=utcnow(),
+    )
+
+
+async def _retrain(
+    request: IngestRequest,
+    output: PipelineOutput,
+    existing: DatasetVersion,
+    training: TrainingSpec | None,
+    key: str,
+    *,
+    ports: Ports,
+    in_transaction: InTransaction | None,
+) -> IngestOutcome:
+    """The content is version ``existing`` (byte for byte: same id), asked for with a
+    training spec it was never announced with: no new version, a new run of this one (a
+    DatasetReady with the same artifacts and the new spec). Once per (version, spec)."""
+    name = request.dataset_name
+    # Content-addressed: the same train/validation/manifests as the version's own.
+    refs, report_ref = await _store_outputs(ports.store, output)
+    run_id = new_run_id()
+    event = _dataset_ready(
+        request,
+        output,
+        refs,
+        report_ref,
+        run_id=run_id,
+        previous_dataset_id=existing.previous_dataset_id,
+        training=training,
+    )
+    with log_context(run_id=run_id, event_id=str(event.event_id)):
+        try:
+            async with ports.transaction() as session:
+                session.add(_run_row(event, key))
+                await session.flush()
+                if in_transaction:
+                    await in_transaction(session)
+                ports.emit(session, event)
+        except IntegrityError:  # another replica announced this spec first
+            async with ports.db.session() as session:
+                winner = await session.get(DatasetRun, (existing.dataset_id, key))
+            return IngestOutcome(
+                "unchanged",
+                name,
+                existing.dataset_id,
+                winner.run_id if winner else None,
+                output.report,
+                None,
+                training,
+            )
+        log.info(
+            "dataset %s: %s announced again for a new training spec", name, existing.dataset_id
+        )
+    return IngestOutcome(
+        "retrain", name, existing.dataset_id, run_id, output.report, event, training
+    )
 
 
 def _rejection_reason(report: dict[str, Any]) -> str:
@@ -413,6 +540,7 @@ async def on_dataset_submitted(
             dataset_name=event.dataset_name,
             config=settings.processing,
             causation_id=event.event_id,
+            training=event.training,
         )
         return await ingest_with_retry(
             request, ports=ports, settings=settings, executor=executor, root_span=False
@@ -424,7 +552,7 @@ async def on_dataset_submitted(
 
 @dataclass
 class HarvestOutcome:
-    status: Literal["not_enough", "created", "unchanged", "rejected", "conflict"]
+    status: Literal["not_enough", "created", "retrain", "unchanged", "rejected", "conflict"]
     eligible: int
     scanned: int
     ingest: IngestOutcome | None = None
@@ -633,7 +761,7 @@ async def harvest(
         except (_CursorMoved, VersionConflict):
             log.info("harvest: another replica harvested these interactions first")
             return HarvestOutcome("conflict", eligible, scanned)
-    status: Literal["created", "unchanged", "rejected"] = (
+    status: Literal["created", "retrain", "unchanged", "rejected"] = (
         "created" if outcome.status == "created" else outcome.status  # type: ignore[assignment]
     )
     return HarvestOutcome(status, eligible, scanned, outcome)

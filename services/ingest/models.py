@@ -33,6 +33,21 @@ class DatasetVersion(SQLModel, table=True):
     report_uri: str = Field(sa_column=Column(String(2048), nullable=False))
 
 
+class DatasetRun(SQLModel, table=True):
+    """One announced run of a dataset version: its ``DatasetReady``. A version has one per
+    distinct training spec (the spec is not data: another spec on the same content is a
+    retrain of the same version, not a new version)."""
+
+    __tablename__ = "ingest_dataset_runs"
+
+    dataset_id: str = Field(sa_column=Column(String(64), primary_key=True))
+    # sha256 of the canonical TrainingSpec JSON ("null" when the trainer's own settings).
+    training_key: str = Field(sa_column=Column(String(64), primary_key=True))
+    run_id: str = Field(sa_column=Column(String(200), nullable=False))
+    event_id: str = Field(sa_column=Column(String(36), nullable=False))
+    created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+
+
 class HarvestCursor(SQLModel, table=True):
     __tablename__ = "ingest_harvest_cursors"
 
