@@ -47,6 +47,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from pydantic import ValidationError
 
+from shared import failpoints
 from shared.events import Event
 from shared.subjects import Namespace
 from shared.telemetry import extract_trace_context, inject_trace_headers, log_context, tracer
@@ -106,6 +107,8 @@ class Delivery:
     ack_wait_s: float
     event_id: str
     headers: Mapping[str, str] = field(default_factory=dict)
+    # "<service>.<Event>": the prefix of this delivery's failpoints (shared.failpoints).
+    failpoint: str = ""
 
     async def heartbeat(self) -> None:
         """Tell the server we are still working (resets its ack timer)."""
@@ -126,6 +129,8 @@ class Delivery:
     async def _beat(self, period: float) -> None:
         while True:
             await asyncio.sleep(period)
+            if self.failpoint:
+                failpoints.hit(f"{self.failpoint}.working")
             try:
                 await self.heartbeat()
             except Exception as exc:  # a lost heartbeat is logged; the work goes on
@@ -368,6 +373,7 @@ class EventBus:
                 ack_wait_s=sub.ack_wait_s,
                 event_id=str(event.event_id),
                 headers=headers,
+                failpoint=f"{self.service}.{sub.event_type.__name__}",
             )
             with log_context(run_id=event.run_id, event_id=str(event.event_id)):
                 started = time.perf_counter()
@@ -422,6 +428,7 @@ class EventBus:
                     await msg.nack(delay=delay)
                     return
                 self._excused.pop(seq_key, None)
+                failpoints.hit(f"{delivery.failpoint}.handled")
                 await msg.ack()
                 log.debug(
                     "handled %s in %.3fs", sub.event_type.__name__, time.perf_counter() - started

@@ -13,11 +13,12 @@ refuses a model that does not).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,9 @@ class DemoResult:
     answered_by: dict[str, int] = field(default_factory=dict)
     client_key: str = ""
     gateway_url: str = ""
+    # Seconds since the run was started (upload or publish) at which each event was seen.
+    seen_at: list[float] = field(default_factory=list)
+    supervisor_notes: list[str] = field(default_factory=list)
 
     def first(self, kind: type[Event]) -> Any:
         return next((e for e in self.events if isinstance(e, kind)), None)
@@ -317,6 +321,21 @@ def scoreboard(result: DemoResult) -> list[str]:
     return lines
 
 
+StartRun = Callable[[Path], Awaitable[str]]
+
+
+async def supervise(
+    embedded: Embedded, stop: asyncio.Event, notes: list[str], say: Callable[[str], None]
+) -> None:
+    """Restart crashed services (with backoff) for as long as a run is being driven."""
+    while not stop.is_set():
+        for note in await asyncio.to_thread(embedded.supervise_once):
+            notes.append(note)
+            say(f"supervisor: {note}")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.5)
+
+
 async def run_demo(
     state: dict[str, Any],
     embedded: Embedded,
@@ -326,8 +345,15 @@ async def run_demo(
     say: Callable[[str], None] = print,
     admin_key: str | None = None,
     prefix: str = "tuneloop",
+    start: StartRun | None = None,
+    observe: Callable[[Event], Coroutine[Any, Any, None]] | None = None,
 ) -> DemoResult:
-    """Drive one demo run on a started :class:`Embedded` system; returns what happened."""
+    """Drive one demo run on a started :class:`Embedded` system; returns what happened.
+
+    ``start`` begins the run from the generated corpus's path and returns its run id (default:
+    upload it to ingest over HTTP); ``observe`` is awaited with each event of the run as it is
+    seen (fault-injection tests act on it). Crashed services are restarted meanwhile.
+    """
     from shared import demotask
     from shared.settings import DEV_ADMIN_KEY
 
@@ -353,28 +379,49 @@ async def run_demo(
     say(f"{stamp()} waiting for the base model to be served (vLLM start-up)...")
     key = await create_client_key(gateway_url, admin_key)
     await wait_for_stable(gateway_url, key, embedded, say=say, timeout_s=600)
-    say(f"{stamp()} base model is serving; uploading {corpus.name}")
-    upload = await upload_corpus(ingest_url, corpus, "demo")
-    result = DemoResult(run_id=str(upload["run_id"]))
+    if start is None:
+        say(f"{stamp()} base model is serving; uploading {corpus.name}")
+        upload = await upload_corpus(ingest_url, corpus, "demo")
+        run_id = str(upload["run_id"])
+        say(f"{stamp()} run {run_id}: {upload.get('records', {})}")
+    else:
+        say(f"{stamp()} base model is serving; starting the run")
+        run_id = await start(corpus)
+        say(f"{stamp()} run {run_id}")
+    run_started = time.monotonic()
+    result = DemoResult(run_id=run_id)
     result.client_key = key
     result.gateway_url = gateway_url
-    say(f"{stamp()} run {result.run_id}: {upload.get('records', {})}")
     stop = asyncio.Event()
     traffic = asyncio.create_task(
         send_traffic(gateway_url, key, prompts, result, stop, system_prompt=demotask.SYSTEM_PROMPT)
     )
+    supervisor = asyncio.create_task(supervise(embedded, stop, result.supervisor_notes, say))
+    pending: set[asyncio.Task[None]] = set()
+
+    def on_event(event: Event) -> None:
+        result.seen_at.append(time.monotonic() - run_started)
+        say(f"{stamp()} {describe(event)}")
+        if observe is not None:
+            task = asyncio.create_task(observe(event))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+
     try:
         await watch_run(
             state["nats_url"],
             prefix,
             result,
             timeout_s=timeout_s,
-            on_event=lambda e: say(f"{stamp()} {describe(e)}"),
+            on_event=on_event,
             is_run=lambda e: e.run_id == result.run_id,
         )
     finally:
         stop.set()
         await asyncio.wait_for(traffic, 120)
+        await supervisor
+        if pending:
+            await asyncio.wait(pending, timeout=60)
     say("")
     say(
         f"outcome: {result.outcome} after {time.monotonic() - started:.0f}s; "

@@ -24,6 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from shared import failpoints
 from shared.bus import EVENT_TYPE_HEADER, EventBus, PublishError
 from shared.db import Database, UTCDateTime, utcnow
 from shared.events import Event
@@ -167,6 +168,7 @@ class OutboxRelay:
             except PublishError as exc:
                 await self._mark_failed(row, exc)
                 raise
+            failpoints.hit(f"{self.service}.outbox.published")
             await self._mark_published(row)
             count += 1
         return count
