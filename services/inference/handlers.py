@@ -33,14 +33,22 @@ class Refused(ValueError):
 class Plan:
     kind: Literal["engine", "lora"]
     engine_kind: EngineKind  # what runs (vllm or llama-cpp)
-    engine: Engine  # what ModelDeployed announces (vllm on a GPU, vllm-cpu without)
+    engine: Engine  # what ModelDeployed announces: vllm (GPU), vllm-cpu, llama-cpp
+
+
+def announced_engine(kind: EngineKind, profile: EngineProfile) -> Engine:
+    """What ModelDeployed says runs the model: ``llama-cpp``, or vLLM (``vllm`` on a GPU,
+    ``vllm-cpu`` without)."""
+    if kind == "llama-cpp":
+        return "llama-cpp"
+    return "vllm" if profile.device == "gpu" else "vllm-cpu"
 
 
 def plan_for(
     fmt: ModelFormat, *, profile: EngineProfile, gguf_engine: EngineKind = "llama-cpp"
 ) -> Plan:
     """How a model of format ``fmt`` is served with ``profile`` (raises :class:`Refused`)."""
-    engine: Engine = "vllm" if profile.device == "gpu" else "vllm-cpu"
+    engine = announced_engine("vllm", profile)
     if fmt in GPU_ONLY_FORMATS:
         if profile.device != "gpu":
             raise Refused(
@@ -51,7 +59,8 @@ def plan_for(
             )
         return Plan("engine", "vllm", engine)
     if fmt == "gguf-q4_k_m":
-        return Plan("engine", "llama-cpp" if profile.device == "cpu" else gguf_engine, engine)
+        kind: EngineKind = "llama-cpp" if profile.device == "cpu" else gguf_engine
+        return Plan("engine", kind, announced_engine(kind, profile))
     if fmt == "adapter":
         return Plan("lora", "vllm", engine)
     return Plan("engine", "vllm", engine)

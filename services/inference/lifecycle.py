@@ -9,10 +9,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from services.inference.handlers import ModelFiles, Plan, inspect_model, promote
+from services.inference.handlers import (
+    ModelFiles,
+    Plan,
+    announced_engine,
+    inspect_model,
+    promote,
+)
 from services.inference.models import LIVE_STATUSES, Deployment
 from services.inference.rollout import Deployer
-from services.inference.state import announced_engine
 from shared.events import ArtifactRef, RolloutChanged
 
 log = logging.getLogger(__name__)
@@ -41,9 +46,13 @@ class Rollout(Deployer):
                 for victim in plan.retire:
                     row = await self.get(victim)
                     if row is not None:
-                        await self._retire(row, reason=f"retired: {target.id} promoted")
+                        await self._retire(
+                            row, reason=f"retired: {target.id} promoted", cause=event
+                        )
             elif event.action in ("rolled_back", "refused") and target.stable_rank is None:
-                await self._retire(target, reason=f"retired: {event.action} by the gateway")
+                await self._retire(
+                    target, reason=f"retired: {event.action} by the gateway", cause=event
+                )
 
     async def restore(self, *, locked: bool = False) -> None:
         """At start-up: re-adopt engines that outlived the previous run, restart the ones that
@@ -61,8 +70,7 @@ class Rollout(Deployer):
                 log.exception("restoring %s failed", row.id)
                 row = await self.get(row.id) or row
                 if row.status in LIVE_STATUSES:
-                    row.status, row.reason, row.pid = "gone", f"restore failed: {exc!r}", None
-                    await self._save(row)
+                    await self._end(row, "gone", f"restore failed: {exc!r}")
 
     async def _restore_one(self, row: Deployment) -> None:
         kind = "llama-cpp" if row.engine == "llama-cpp" else "vllm"
@@ -83,8 +91,7 @@ class Rollout(Deployer):
         if row.host_deployment_id:
             host = await self.get(row.host_deployment_id)
             if host is None or host.status != "ready" or not row.model_path:
-                row.status, row.reason = "gone", "its base engine is gone"
-                await self._save(row)
+                await self._end(row, "gone", "its base engine is gone")
                 return
             if row.upstream_name not in await self.client.models(host.endpoint or ""):
                 await self.client.load_lora(host.endpoint or "", row.upstream_name, row.model_path)
@@ -104,8 +111,7 @@ class Rollout(Deployer):
                 files = inspect_model(fetched, fmt, max_lora_rank=self.settings.max_lora_rank)
                 path = files.model_path
         if not path:
-            row.status, row.reason = "gone", "model files unavailable"
-            await self._save(row)
+            await self._end(row, "gone", "model files unavailable")
             return
         tokenizer = None
         if kind == "llama-cpp" and Path(path).parent.joinpath("tokenizer_config.json").exists():
@@ -129,8 +135,8 @@ class Rollout(Deployer):
                 except Exception as exc:
                     log.exception("restarting %s failed", row.id)
                     row = await self.get(row.id) or row
-                    row.status, row.reason, row.pid = "gone", f"restart failed: {exc!r}", None
-                    await self._save(row)
+                    if row.status in LIVE_STATUSES:
+                        await self._end(row, "gone", f"restart failed: {exc!r}")
                 healed.append(row.id)
             # LoRAs whose engine came back need loading again.
             for row in await self.deployments(live_only=True):

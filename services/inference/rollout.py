@@ -12,7 +12,7 @@ import hashlib
 import logging
 import time
 from typing import Any
-from uuid import uuid4
+from uuid import UUID, uuid4, uuid5
 
 from sqlalchemy.exc import IntegrityError
 
@@ -22,17 +22,19 @@ from services.inference.handlers import (
     ModelFiles,
     Plan,
     Refused,
+    announced_engine,
     inspect_model,
     pick_eviction,
     plan_for,
 )
-from services.inference.models import Deployment
-from services.inference.state import PRODUCER, DeploymentState, announced_engine, safe_id
+from services.inference.models import LIVE_STATUSES, Deployment
+from services.inference.state import PRODUCER, DeploymentState, safe_id
 from shared.db import utcnow
 from shared.events import (
     AdapterQuantized,
     ArtifactRef,
     DeploymentFailed,
+    DeploymentRetired,
     Engine,
     Event,
     ModelDeployed,
@@ -40,6 +42,9 @@ from shared.events import (
 from shared.storage import ArtifactCorrupted, ArtifactError, ArtifactNotFound
 
 log = logging.getLogger(__name__)
+
+# DeploymentRetired event ids: uuid5(this, deployment id).
+RETIRED_NAMESPACE = UUID("5b0e7d0c-6f1e-4a0e-9d7a-2c1e6d9b7a41")
 
 
 class CapacityFull(RuntimeError):
@@ -75,7 +80,7 @@ class Deployer(DeploymentState):
             )
         except Refused as exc:
             return await self._fail(row, str(exc), retryable=False, cause=event)
-        row.engine = "llama-cpp" if plan.engine_kind == "llama-cpp" else plan.engine
+        row.engine = plan.engine
         try:
             started = time.monotonic()
             path = await self.store.fetch_dir(event.artifact)
@@ -128,7 +133,7 @@ class Deployer(DeploymentState):
             return existing
         return row
 
-    async def _evict_if_full(self, starting: Deployment) -> None:
+    async def _evict_if_full(self, starting: Deployment, cause: Event | None) -> None:
         while True:
             others = [d for d in await self.deployments(live_only=True) if d.id != starting.id]
             victim = pick_eviction(others, max_engines=self.settings.max_engines)
@@ -142,7 +147,7 @@ class Deployer(DeploymentState):
             row = await self.get(str(victim))
             assert row is not None
             log.info("engine budget full: retiring %s", row.id)
-            await self._retire(row, reason="evicted: engine budget full")
+            await self._retire(row, reason="evicted: engine budget full", cause=cause)
 
     def _spec(self, row: Deployment, files: ModelFiles, kind: str) -> EngineSpec:
         names = (row.upstream_name,) if kind == "llama-cpp" else (row.upstream_name, row.id)
@@ -163,7 +168,7 @@ class Deployer(DeploymentState):
         self, row: Deployment, files: ModelFiles, plan: Plan, *, cause: Event | None
     ) -> Deployment:
         try:
-            await self._evict_if_full(row)
+            await self._evict_if_full(row, cause)
         except CapacityFull as exc:
             return await self._fail(row, str(exc), retryable=True, cause=cause)
         kind = plan.engine_kind
@@ -271,7 +276,10 @@ class Deployer(DeploymentState):
             failed = DeploymentFailed(run_id=row.run_id, **event_fields)
         if retryable:  # a later delivery (or a replay) may try again with the same key
             row.dedupe_key = f"{row.dedupe_key}#failed-{row.id}"[:255]
-        await self._save(row, failed)
+        events: list[Event] = [failed]
+        if row.ready_at is not None:  # it had served (a restart failed): the gateway must know
+            events.append(self._retired(row, f"failed: {row.reason}", cause))
+        await self._save(row, *events)
         log.error("deployment %s failed: %s", row.id, reason.splitlines()[0])
         return row
 
@@ -351,7 +359,14 @@ class Deployer(DeploymentState):
         plan = Plan("engine", "vllm", announced_engine("vllm", self.profile))
         return await self._start(row, ModelFiles(model_path=path), plan, cause=None)
 
-    async def _retire(self, row: Deployment, *, reason: str) -> None:
+    async def _retire(self, row: Deployment, *, reason: str, cause: Event | None = None) -> None:
+        """Stop serving ``row`` for good (engine stopped, or LoRA unloaded) and announce it with
+        ``DeploymentRetired`` in the same transaction. Only a live row is retired, so a
+        redelivered cause announces nothing twice."""
+        fresh = await self.get(row.id)
+        if fresh is None or fresh.status not in LIVE_STATUSES:
+            return
+        row = fresh
         if row.host_deployment_id:
             host = await self.get(row.host_deployment_id)
             if host and host.endpoint:
@@ -362,10 +377,36 @@ class Deployer(DeploymentState):
         else:
             for d in await self.deployments(live_only=True):
                 if d.host_deployment_id == row.id:
-                    await self._retire(d, reason=f"retired with its engine {row.id}")
+                    await self._retire(d, reason=f"retired with its engine {row.id}", cause=cause)
             await self.backend.stop(self.handle_of(row))
         row.status = "retired"
         row.reason = reason
         row.stable_rank = None
         row.pid = None
-        await self._save(row)
+        await self._save(row, self._retired(row, reason, cause))
+        log.info("deployment %s retired: %s", row.id, reason)
+
+    def _retired(self, row: Deployment, reason: str, cause: Event | None) -> DeploymentRetired:
+        """The announcement that ``row`` no longer serves. Its id is derived from the
+        deployment, so even a second publish is one event for the broker (dedupe) and for
+        consumers (inbox). It belongs to the deployment's run (like ModelDeployed): the cause's
+        run when that is the same, otherwise the deployment's own, caused by ``cause``."""
+        fields: dict[str, Any] = {
+            "event_id": uuid5(RETIRED_NAMESPACE, row.id),
+            "producer": PRODUCER,
+            "deployment_id": row.id,
+            "model_id": row.model_id,
+            "served_model_name": row.upstream_name,
+            "reason": reason[:4000],
+        }
+        if cause is not None and cause.run_id == row.run_id:
+            return cause.follow(DeploymentRetired, **fields)
+        causation = cause.event_id if cause is not None else None
+        return DeploymentRetired(run_id=row.run_id, causation_id=causation, **fields)
+
+    async def _end(self, row: Deployment, status: str, reason: str) -> None:
+        """A live row that cannot serve again (``gone``): recorded, and announced as retired
+        when the gateway had been told it serves."""
+        row.status, row.reason, row.pid = status, reason[:8000], None
+        events = [self._retired(row, reason, None)] if row.ready_at is not None else []
+        await self._save(row, *events)

@@ -11,18 +11,18 @@ import re
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any, Protocol, get_args
+from typing import Any, Protocol
 
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.inference.engines.base import EngineBackend, EngineHandle
 from services.inference.engines.client import EngineClient
-from services.inference.engines.profiles import EngineProfile, get_profile
+from services.inference.engines.profiles import get_profile
 from services.inference.models import LIVE_STATUSES, Deployment
 from services.inference.settings import InferenceSettings
 from shared.db import Database, utcnow
-from shared.events import Engine, Event
+from shared.events import Event
 from shared.storage import ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -43,15 +43,6 @@ def safe_id(text: str, *, prefix: str = "") -> str:
         digest = hashlib.sha256(text.encode()).hexdigest()[:12]
         cleaned = cleaned[: 120 - len(prefix) - 13] + "-" + digest
     return prefix + cleaned
-
-
-def announced_engine(kind: str, profile: EngineProfile) -> Engine:
-    """What ModelDeployed says: ``vllm`` on a GPU, ``vllm-cpu`` without; llama.cpp is named
-    once the shared contract has a value for it (until then: ``vllm-cpu``, and the table
-    says ``llama-cpp``)."""
-    if kind == "llama-cpp" and "llama-cpp" in get_args(Engine):
-        return "llama-cpp"  # type: ignore[return-value]
-    return "vllm" if profile.device == "gpu" else "vllm-cpu"
 
 
 class DeploymentState:

@@ -15,7 +15,7 @@ import pytest
 
 from services.inference.app import InferenceRuntime
 from shared.bus import EventBus
-from shared.events import DeploymentFailed, ModelDeployed, RolloutChanged
+from shared.events import DeploymentFailed, DeploymentRetired, ModelDeployed, RolloutChanged
 from shared.subjects import Namespace
 from tests.integration.inference.conftest import (
     events_of,
@@ -89,7 +89,7 @@ async def test_gguf_rollout_is_idempotent_readopted_after_crash_and_restarted_af
     deployed = await outcome(nats_server.url, prefix, "m-gguf", timeout_s=120)
     assert isinstance(deployed, ModelDeployed), deployed
     assert deployed.causation_id == event.event_id and deployed.run_id == event.run_id
-    assert deployed.engine == "vllm-cpu" and deployed.format == "gguf-q4_k_m"
+    assert deployed.engine == "llama-cpp" and deployed.format == "gguf-q4_k_m"
     assert deployed.served_model_name == "tuneloop"
     assert (await completion(deployed.endpoint, "tuneloop")).strip()
     [row] = await runtime.rollout.deployments()
@@ -161,6 +161,21 @@ async def test_gguf_rollout_is_idempotent_readopted_after_crash_and_restarted_af
     assert last is not None and not pid_alive(last.pid)
 
 
+async def _retirements(nats_url: str, prefix: str, n: int) -> list[DeploymentRetired] | None:
+    found = await events_of(nats_url, prefix, DeploymentRetired)
+    return found if len(found) >= n else None
+
+
+async def _outbox_empty(runtime: InferenceRuntime) -> bool:
+    from sqlmodel import select
+
+    from shared.outbox import OutboxMessage
+
+    async with runtime.db.session() as s:
+        rows = (await s.exec(select(OutboxMessage))).all()
+    return all(r.published_at is not None for r in rows)
+
+
 async def _acked_all(nats_url: str, stream: str) -> bool:
     import nats
 
@@ -187,18 +202,19 @@ async def test_promotion_keeps_stable_and_previous_warm_retires_older_and_bounds
         assert isinstance(deployed, ModelDeployed), deployed
         ids[n] = deployed.deployment_id
 
-    for n in (1, 2, 3):
-        await publish(
-            common,
-            RolloutChanged(
-                run_id="run-x",
-                producer="gateway",
-                served_model_name="tuneloop",
-                deployment_id=ids[n],
-                action="promoted",
-                weight=1.0,
-            ),
+    promotions = {
+        n: RolloutChanged(
+            run_id="run-x",
+            producer="gateway",
+            served_model_name="tuneloop",
+            deployment_id=ids[n],
+            action="promoted",
+            weight=1.0,
         )
+        for n in (1, 2, 3)
+    }
+    for n in (1, 2, 3):
+        await publish(common, promotions[n])
 
     async def ranks() -> dict[int, tuple[str, int | None]]:
         rows = {r.id: r for r in await runtime.rollout.deployments()}
@@ -208,6 +224,14 @@ async def test_promotion_keeps_stable_and_previous_warm_retires_older_and_bounds
     await eventually(lambda: _eq(ranks(), want), timeout_s=60, what="promotions applied")
     rows = {r.id: r for r in await runtime.rollout.deployments()}
     assert rows[ids[1]].pid is None
+    # The retirement is announced, in m1's run, caused by the promotion that retired it.
+    [retired] = await eventually(
+        lambda: _retirements(nats_server.url, prefix, 1), timeout_s=30, what="m1 retired"
+    )
+    assert (retired.deployment_id, retired.model_id) == (ids[1], "m1")
+    assert retired.served_model_name == "tuneloop" and f"{ids[3]} promoted" in retired.reason
+    assert retired.causation_id == promotions[3].event_id
+    assert retired.run_id == "run-inference-test"
 
     # Budget 3: m2 (previous stable) + m3 (stable) + m4 fit; m5 evicts m4, never m2/m3.
     for n in (4, 5):
@@ -220,6 +244,44 @@ async def test_promotion_keeps_stable_and_previous_warm_retires_older_and_bounds
     assert {rows[ids[n]].status for n in (2, 3, 5)} == {"ready"}
     live = [r for r in rows.values() if r.status == "ready"]
     assert len(live) == 3 and all(pid_alive(r.pid) for r in live)
+
+    # The gateway rolls m5 back; the event is delivered twice (a new message id each, so the
+    # broker's dedupe does not hide the second), and the promotion of m3 is replayed: m5 is
+    # retired and announced once, nothing else is announced again.
+    rolled_back = RolloutChanged(
+        run_id="run-inference-test",
+        producer="gateway",
+        served_model_name="tuneloop",
+        deployment_id=ids[5],
+        action="rolled_back",
+        weight=0.0,
+        reason="canary breached its SLO",
+    )
+    ns = Namespace(prefix)
+    async with EventBus(common.bus_settings(), service="test") as bus:
+        for event in (rolled_back, rolled_back, promotions[3]):
+            await bus.publish_raw(
+                ns.subject(event.subject),
+                event.model_dump_json().encode(),
+                msg_id=str(uuid.uuid4()),
+            )
+    await eventually(
+        lambda: _acked_all(nats_server.url, ns.stream), timeout_s=60, what="all handled"
+    )
+    retirements = await eventually(
+        lambda: _retirements(nats_server.url, prefix, 3), timeout_s=30, what="retirements"
+    )
+    # Nothing more comes: the relay has published everything the service recorded.
+    await eventually(lambda: _outbox_empty(runtime), timeout_s=30, what="outbox drained")
+    retirements = await events_of(nats_server.url, prefix, DeploymentRetired)
+    assert sorted(e.deployment_id for e in retirements) == sorted([ids[1], ids[4], ids[5]])
+    by_id = {e.deployment_id: e for e in retirements}
+    assert "evicted" in by_id[ids[4]].reason and by_id[ids[4]].model_id == "m4"
+    # Same run as its cause: it follows it (lineage and trace).
+    assert by_id[ids[5]].causation_id == rolled_back.event_id
+    assert "rolled_back" in by_id[ids[5]].reason
+    m5 = await runtime.rollout.get(ids[5])
+    assert m5 is not None and m5.status == "retired" and not pid_alive(rows[ids[5]].pid)
 
 
 async def test_a_missing_engine_environment_is_a_clear_failure_not_a_retry_loop(

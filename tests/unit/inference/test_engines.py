@@ -15,8 +15,9 @@ from services.inference.engines.k8s import (
 )
 from services.inference.engines.local import llama_cpp_argv, pid_serves, vllm_argv
 from services.inference.engines.profiles import PROFILES, ProfileError, get_profile
+from services.inference.handlers import announced_engine
 from services.inference.settings import InferenceSettings
-from services.inference.state import announced_engine, safe_id
+from services.inference.state import safe_id
 
 
 def spec(profile: str = "cpu", **fields) -> EngineSpec:
@@ -108,7 +109,8 @@ def test_ids_and_engine_names():
     assert len(long) <= 120 and long.startswith("base-x")
     assert announced_engine("vllm", PROFILES["cpu"]) == "vllm-cpu"
     assert announced_engine("vllm", PROFILES["l4"]) == "vllm"
-    assert announced_engine("llama-cpp", PROFILES["cpu"]) in ("llama-cpp", "vllm-cpu")
+    assert announced_engine("llama-cpp", PROFILES["cpu"]) == "llama-cpp"
+    assert announced_engine("llama-cpp", PROFILES["l4"]) == "llama-cpp"
 
 
 def test_a_pid_is_only_ours_if_its_command_line_names_the_deployment():

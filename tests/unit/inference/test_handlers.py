@@ -37,8 +37,11 @@ def test_formats_map_to_engines():
     assert plan_for("bf16-merged", profile=CPU).engine == "vllm-cpu"
     assert plan_for("bf16-merged", profile=GPU).engine == "vllm"
     # GGUF: llama.cpp on a CPU (vLLM's GGUF plugin needs the CUDA vllm package).
-    assert plan_for("gguf-q4_k_m", profile=CPU).engine_kind == "llama-cpp"
-    assert plan_for("gguf-q4_k_m", profile=GPU, gguf_engine="vllm").engine_kind == "vllm"
+    gguf = plan_for("gguf-q4_k_m", profile=CPU)
+    assert (gguf.engine_kind, gguf.engine) == ("llama-cpp", "llama-cpp")  # announced as such
+    on_gpu = plan_for("gguf-q4_k_m", profile=GPU, gguf_engine="vllm")
+    assert (on_gpu.engine_kind, on_gpu.engine) == ("vllm", "vllm")
+    assert plan_for("gguf-q4_k_m", profile=GPU).engine == "llama-cpp"
     assert plan_for("adapter", profile=CPU).kind == "lora"
 
 
