@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from shared.runs import DeadLetter
 from shared.supervisor import SERVICES, Embedded, stop_from_state
 
 app = typer.Typer(
@@ -296,16 +297,60 @@ def status(
 ) -> None:
     """Each run (dataset version) and the stage every service reached, with timings and
     failures, reconstructed from the event stream."""
-    from shared.runs import format_status, parse_stream_message, summarise_runs
+    from shared.runs import format_dead_letters, format_status, parse_stream_message, summarise_runs
 
     messages = asyncio.run(_read_pipeline(nats_url, prefix))
     events = [e for e in (parse_stream_message(s, d, prefix) for s, d in messages) if e]
     runs = summarise_runs(events)[:limit]
     if not runs:
         console.print("no runs yet: publish a dataset (tuneloop ingest PATH) to start one.")
-        return
     for line in format_status(runs):
         typer.echo(line)
+    for line in format_dead_letters(asyncio.run(_read_dead_letters(nats_url, prefix))):
+        typer.echo(line)
+
+
+async def _read_dead_letters(nats_url: str, prefix: str, limit: int = 1000) -> list[DeadLetter]:
+    """The newest ``limit`` dead letters: consumer, run and reason of each."""
+    import nats
+    from nats.js.errors import NotFoundError
+
+    from shared.bus import DLQ_CONSUMER_HEADER, DLQ_REASON_HEADER
+    from shared.subjects import Namespace
+
+    ns = Namespace(prefix)
+    nc = await nats.connect(nats_url, connect_timeout=3, max_reconnect_attempts=1)
+    out: list[DeadLetter] = []
+    try:
+        js = nc.jetstream()
+        try:
+            info = await js.stream_info(ns.dead_letter_stream)
+        except NotFoundError:
+            return out
+        if info.state.messages == 0:
+            return out
+        for seq in range(
+            max(info.state.first_seq, info.state.last_seq - limit + 1), info.state.last_seq + 1
+        ):
+            try:
+                msg = await js.get_msg(ns.dead_letter_stream, seq)
+            except NotFoundError:
+                continue
+            headers = msg.headers or {}
+            try:
+                run_id = str(json.loads(msg.data or b"{}").get("run_id") or "?")
+            except (ValueError, AttributeError):
+                run_id = "?"
+            out.append(
+                DeadLetter(
+                    consumer=headers.get(DLQ_CONSUMER_HEADER, "?"),
+                    run_id=run_id,
+                    reason=headers.get(DLQ_REASON_HEADER, ""),
+                )
+            )
+    finally:
+        await nc.close()
+    return out
 
 
 async def _read_pipeline(nats_url: str, prefix: str) -> list[tuple[str, bytes]]:

@@ -7,7 +7,7 @@ and failures) and ``tuneloop trace RUN_ID`` (the run's spans as a tree with dura
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -157,4 +157,28 @@ def trace_tree(spans: list[dict[str, Any]], run_id: str) -> list[str]:
 
     for root in children.get(None, []):
         walk(root, 0)
+    return lines
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    consumer: str
+    run_id: str
+    reason: str
+
+
+def format_dead_letters(letters: list[DeadLetter]) -> list[str]:
+    """The dead-letter section of ``tuneloop status``: how many, whose, for which runs."""
+    if not letters:
+        return ["", "dead letters: none"]
+    by_consumer = Counter(letter.consumer for letter in letters)
+    lines = [
+        "",
+        f"dead letters: {len(letters)} (inspect with `tuneloop dead-letters`)",
+    ]
+    for consumer, count in by_consumer.most_common():
+        newest = next(x for x in reversed(letters) if x.consumer == consumer)
+        lines.append(
+            f"  {consumer:<40} {count:>5}  newest: run {newest.run_id}: {newest.reason[:120]}"
+        )
     return lines

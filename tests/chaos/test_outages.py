@@ -60,6 +60,23 @@ async def test_poison_input_is_dead_lettered_and_does_not_block(make_world):
     assert "poison payload: this handler always crashes on it" in listing
     assert "deliveries=4" in listing
     assert "schema validation failed" in listing
+    status = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shared.cli",
+            "status",
+            "--nats-url",
+            world.nats.url,
+            "--prefix",
+            world.prefix,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert "dead letters: 2 (inspect with `tuneloop dead-letters`)" in status, status
 
 
 async def test_postgres_outage_longer_than_the_retry_budget(nats_server, tmp_path, span_file):

@@ -95,3 +95,20 @@ def test_trace_tree_nests_spans_of_the_run_across_services():
         "  consume dataset.ready  [trainer]  9000.0 ms  [ERROR]",
     ]
     assert trace_tree(spans, "run-missing") == []
+
+
+def test_status_counts_dead_letters_by_consumer_with_the_newest_reason():
+    from shared.runs import DeadLetter, format_dead_letters
+
+    assert format_dead_letters([])[-1] == "dead letters: none"
+    lines = format_dead_letters(
+        [
+            DeadLetter("trainer-dataset-ready", "run-1", "forbidden method"),
+            DeadLetter("quantizer-adapter-trained", "run-2", "bad adapter"),
+            DeadLetter("trainer-dataset-ready", "run-3", "schema validation failed"),
+        ]
+    )
+    assert lines[1] == "dead letters: 3 (inspect with `tuneloop dead-letters`)"
+    assert "trainer-dataset-ready" in lines[2] and " 2 " in lines[2]
+    assert "run run-3: schema validation failed" in lines[2]
+    assert "quantizer-adapter-trained" in lines[3]
