@@ -286,7 +286,7 @@ def stage_costs(sources: list[SourceFile], config: ProcessingConfig) -> list[tup
             ],
         )
         sigs = timed(
-            "MinHash (numpy shingles + rensa)",
+            "MinHash (numpy shingles + OPH)",
             lambda texts=texts: dedupe.signatures(texts, num_perm=config.num_perm),
         )
 

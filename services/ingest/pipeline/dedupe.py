@@ -2,11 +2,11 @@
 
 Exact: a 128-bit xxh3 of the conversation lowercased, whitespace removed.
 
-Near: MinHash signatures computed in bulk by rensa (Rust) over word 3-shingles whose hashes
-numpy computes for a whole chunk at once, so no Python code runs per token. Signatures are
-banded for LSH (bands and rows chosen for the threshold, as datasketch does); a band match
-is a candidate, confirmed when the signatures agree on at least ``threshold`` of their
-positions. The first record of a cluster is kept.
+Near: MinHash signatures over word 3-shingles, computed for a whole chunk at once with numpy
+(one-permutation hashing with optimal densification), so no Python code runs per token.
+Signatures are banded for LSH (bands and rows chosen for the threshold, as datasketch does);
+a band match is a candidate, confirmed when the signatures agree on at least ``threshold`` of
+their positions. The first record of a cluster is kept.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from collections.abc import Iterable
 from functools import lru_cache
 
 import numpy as np
-import rensa
 import xxhash
 
 SHINGLE_WORDS = 3
@@ -43,17 +42,19 @@ def _powers(base: int, n: int) -> np.ndarray:
 
 
 class _Powers:
-    """BASE**i and BASE**-i mod 2**64 (BASE is odd, so it has an inverse), grown on demand."""
+    """BASE**i and BASE**-i mod 2**32 (BASE is odd, so it has an inverse), grown on demand.
+    32 bits: half the memory traffic of the per-byte passes, and a word-hash collision
+    (about one per 2**32 pairs of distinct words) moves no similarity measurably."""
 
     def __init__(self) -> None:
-        self.up = np.ones(1, dtype=np.uint64)
-        self.down = np.ones(1, dtype=np.uint64)
+        self.up = np.ones(1, dtype=np.uint32)
+        self.down = np.ones(1, dtype=np.uint32)
 
     def get(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         if len(self.up) < n:
             size = max(n, 2 * len(self.up))
-            self.up = _powers(_BASE, size)
-            self.down = _powers(pow(_BASE, -1, 2**64), size)
+            self.up = _powers(_BASE, size).astype(np.uint32)
+            self.down = _powers(pow(_BASE, -1, 2**64), size).astype(np.uint32)
         return self.up[:n], self.down[:n]
 
 
@@ -73,58 +74,100 @@ def exact_key(text: bytes) -> bytes:
     return xxhash.xxh3_128_digest(text.translate(None, _WHITESPACE))
 
 
+_C1 = np.uint64(0x9FB21C651E98DF25)
+_C2 = np.uint64(0xD6E8FEB86659FD93)
+_C3 = np.uint64(0xCA5A826395121157)
+_EMPTY = np.uint32(0xFFFFFFFF)
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    """A 64-bit finaliser (murmur3's), in place."""
+    with np.errstate(over="ignore"):
+        h ^= h >> np.uint64(33)
+        h *= _MIX
+        h ^= h >> np.uint64(33)
+        h *= _M2
+        h ^= h >> np.uint64(29)
+    return h
+
+
 def shingle_hashes(texts: list[bytes], words: int = SHINGLE_WORDS) -> tuple[np.ndarray, np.ndarray]:
     """Hashes of every run of ``words`` consecutive words of each text (one shingle for a
-    shorter text), flat, with row offsets (len(texts) + 1).
+    shorter text, none for a text without words), with the text each belongs to; flat, in
+    no particular order.
 
-    Word-sequence hashes come from a polynomial prefix hash over the bytes of the whole batch
-    (hash(s, e) = (P[e] - P[s]) * BASE**-s), so no Python code runs per word.
+    A word's hash comes from a polynomial prefix hash over the bytes of the whole batch
+    (hash(s, e) = (P[e] - P[s]) * BASE**-s, the same for the same word anywhere); a
+    shingle's hash combines its words' hashes. No Python code runs per word.
     """
     n = len(texts)
     buf = b" ".join(texts) + b" "
     data = np.frombuffer(buf, dtype=np.uint8)
     size = len(data)
     up, down = _POWERS.get(size)
-    prefix = np.zeros(size + 1, dtype=np.uint64)
+    prefix = np.zeros(size + 1, dtype=np.uint32)
     with np.errstate(over="ignore"):
         np.cumsum(data * up, out=prefix[1:])
-    sep = data <= _SPACE  # spaces, newlines, tabs and control bytes separate words
-    before = np.ones(size, dtype=bool)
-    before[1:] = sep[:-1]
-    after = np.ones(size, dtype=bool)
-    after[:-1] = sep[1:]
-    starts = np.flatnonzero(~sep & before)
-    ends = np.flatnonzero(~sep & after) + 1
+    sep = data <= _SPACE  # spaces, newlines, tabs, control bytes
+    # Words and separators alternate, so the edges alternate: start, end, start, ...
+    # (nonzero of a bool array is several times faster than of an int8 diff)
+    edges = np.flatnonzero(sep[1:] ^ sep[:-1]) + 1
+    if not sep[0]:
+        edges = np.concatenate([np.zeros(1, dtype=edges.dtype), edges])
+    starts, ends = edges[0::2], edges[1::2]  # the buffer ends with a separator
+    with np.errstate(over="ignore"):
+        word = ((prefix[ends] - prefix[starts]) * down[starts]).astype(np.uint64)
     lengths = np.fromiter((len(t) + 1 for t in texts), dtype=np.int64, count=n)
     record_starts = np.cumsum(lengths) - lengths
-    record = np.searchsorted(record_starts, starts, side="right") - 1
-    counts = np.bincount(record, minlength=n)
-    first = np.cumsum(counts) - counts
-    per_record = np.maximum(counts - words + 1, 1)
-    per_record[counts == 0] = 0
-    offsets = np.zeros(n + 1, dtype=np.uint64)
-    offsets[1:] = np.cumsum(per_record)
-    total = int(offsets[-1])
-    rank = np.arange(total) - np.repeat(offsets[:-1].astype(np.int64), per_record)
-    i = np.repeat(first, per_record) + rank
-    j = np.minimum(i + words - 1, np.repeat(first + counts - 1, per_record))
-    s, e = starts[i], ends[j]
-    with np.errstate(over="ignore"):
-        h = (prefix[e] - prefix[s]) * down[s]
-        h ^= h >> np.uint64(33)
-        h *= _MIX
-        h ^= h >> np.uint64(33)
-    return h, offsets
+    first = np.searchsorted(starts, record_starts)  # each text's first word
+    counts = np.diff(np.append(first, len(starts)))
+    record_of_word = np.repeat(np.arange(n, dtype=np.int64), counts)
+    full = len(word) - words + 1
+    if full > 0:
+        # Shingles that start at word w: valid when its last word is of the same text.
+        valid = np.flatnonzero(record_of_word[words - 1 :] == record_of_word[:full])
+        with np.errstate(over="ignore"):
+            h = word[valid] * _C1
+            if words > 1:
+                h += word[valid + 1] * _C2
+            for k in range(2, words):
+                h += word[valid + k] * _C3 ** np.uint64(k - 1)
+        owner = record_of_word[valid]
+    else:
+        h, owner = np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
+    short = np.flatnonzero((counts > 0) & (counts < words))
+    if len(short):  # texts with fewer words than a shingle: all their words, one shingle
+        extra = np.zeros(len(short), dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for k in range(words - 1):
+                take = counts[short] > k
+                idx = first[short[take]] + k
+                extra[take] += word[idx] * (_C1 if k == 0 else _C2 * np.uint64(k))
+        h = np.concatenate([h, extra])
+        owner = np.concatenate([owner, short])
+    return _mix(h), owner
 
 
 SIGNATURE_BATCH_BYTES = 1024 * 1024
+_PROBE_ROUNDS = 24
+# Each shingle lands in two bins (each bin still keeps the minimum of the shingles it got,
+# so agreement still has probability J): far fewer empty bins to densify in short texts.
+_BINS_PER_SHINGLE = 2
 
 
 def signatures(texts: list[bytes], *, num_perm: int, seed: int = 1) -> np.ndarray:
-    """MinHash signatures, shape (len(texts), num_perm), uint32. Texts are hashed in
-    batches of about 1 MB: memory stays bounded and the arrays stay in cache."""
-    out = np.zeros((len(texts), num_perm), dtype=np.uint32)
+    """MinHash signatures, shape (len(texts), num_perm), uint32, by one-permutation hashing
+    with optimal densification (Shrivastava 2017): each shingle hash goes to
+    ``_BINS_PER_SHINGLE`` of ``num_perm`` bins and each bin keeps its minimum; an empty bin
+    borrows the value of the bin a fixed probe sequence (the same for every text) reaches
+    first. Two texts agree on a bin with probability equal to their Jaccard similarity, as
+    with ``num_perm`` separate permutations, at the cost of two hashes per shingle. A text
+    with no words gets an all-empty signature. Texts are hashed in batches of about 1 MB
+    (bounded memory, arrays in cache)."""
+    out = np.empty((len(texts), num_perm), dtype=np.uint32)
     start = 0
+    k = np.uint64(num_perm)
+    salt = _mix(np.asarray([seed], dtype=np.uint64))[0]
     while start < len(texts):
         end, size = start, 0
         while end < len(texts) and (
@@ -132,13 +175,58 @@ def signatures(texts: list[bytes], *, num_perm: int, seed: int = 1) -> np.ndarra
         ):
             size += len(texts[end])
             end += 1
-        hashes, offsets = shingle_hashes(texts[start:end])
-        matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(
-            hashes, offsets, num_perm, seed
-        )
-        out[start:end] = np.asarray(matrix.to_rows(), dtype=np.uint32)
+        hashes, owner = shingle_hashes(texts[start:end])
+        m = end - start
+        flat = np.full(m * num_perm, _EMPTY, dtype=np.uint32)
+        base = owner * num_perm
+        salted = hashes ^ salt
+        for _ in range(_BINS_PER_SHINGLE):
+            salted = _mix(salted)
+            bins = ((salted >> np.uint64(32)) * k) >> np.uint64(32)  # range reduction, any k
+            np.minimum.at(flat, base + bins.astype(np.int64), salted.astype(np.uint32))
+        sig = flat.reshape(m, num_perm)
+        _densify(sig, num_perm)
+        out[start:end] = sig
         start = end
     return out
+
+
+@lru_cache(maxsize=32)
+def _probes(num_perm: int) -> np.ndarray:
+    """Probe sequence per bin: _probes(k)[t, j] = the bin an empty bin j borrows from at
+    attempt t (never j itself). Fixed, so every text borrows alike."""
+    j = np.arange(num_perm, dtype=np.uint64)
+    rows = []
+    for t in range(1, _PROBE_ROUNDS + 1):
+        with np.errstate(over="ignore"):
+            h = _mix(j * np.uint64(0x100000001B3) + np.uint64(t) * _M1)
+        step = 1 + (h % np.uint64(max(1, num_perm - 1))).astype(np.int64)
+        rows.append((np.arange(num_perm) + step) % num_perm)
+    return np.stack(rows)
+
+
+def _densify(sig: np.ndarray, num_perm: int) -> None:
+    """Fill empty bins in place (see :func:`signatures`); a few vectorised rounds."""
+    empty_r, empty_c = np.nonzero(sig == _EMPTY)
+    if not len(empty_r):
+        return
+    source = sig.copy()  # borrow only from bins that were filled by shingles
+    probes = _probes(num_perm)
+    for t in range(_PROBE_ROUNDS):
+        value = source[empty_r, probes[t, empty_c]]
+        got = value != _EMPTY
+        sig[empty_r[got], empty_c[got]] = value[got]
+        empty_r, empty_c = empty_r[~got], empty_c[~got]
+        if not len(empty_r):
+            return
+    # Very few shingles: scan the bins in order from the empty one (rotation).
+    for r, c in zip(empty_r.tolist(), empty_c.tolist(), strict=True):
+        row = source[r]
+        for d in range(1, num_perm):
+            v = row[(c + d) % num_perm]
+            if v != _EMPTY:
+                sig[r, c] = v
+                break
 
 
 @lru_cache(maxsize=32)

@@ -45,7 +45,7 @@ async def test_upload_spec_reaches_dataset_ready_and_a_new_spec_is_a_retrain(ing
         assert other.status_code == 202, other.text
         assert other.json()["status"] == "retrain"
         assert other.json()["dataset_id"] == ready.dataset_id
-        first_ready, retrain = await svc.wait_for(DatasetReady, 2)
+        _, retrain = await svc.wait_for(DatasetReady, 2)
         assert retrain.dataset_id == ready.dataset_id and retrain.run_id != ready.run_id
         assert retrain.training is not None and retrain.training.method == "dora"
         assert (retrain.train, retrain.validation) == (ready.train, ready.validation)

@@ -310,3 +310,46 @@ def test_a_phase_with_no_records_gets_no_manifest(tmp_path: Path):
     )
     assert sorted(out.manifest_paths) == ["B", "C"]
     assert len(orjson.loads(out.manifest_paths["B"].read_bytes())["record_ids"]) == 7
+
+
+def _shingle_jaccard(a: bytes, b: bytes) -> float:
+    def grams(t: bytes) -> set[tuple[bytes, ...]]:
+        w = t.split()
+        return {tuple(w[i : i + 3]) for i in range(max(1, len(w) - 2))}
+
+    sa, sb = grams(a), grams(b)
+    return len(sa & sb) / len(sa | sb)
+
+
+def test_signatures_estimate_jaccard_similarity_without_bias():
+    """One-permutation MinHash: the share of agreeing positions estimates the Jaccard
+    similarity of the word 3-shingle sets (here within 0.02 on average over 200 pairs and
+    never off by more than 0.2), whatever the text length and wherever batches split."""
+    from services.ingest.pipeline import dedupe
+
+    rng = random.Random(11)
+    pairs = []
+    for _ in range(200):
+        words = sentence(rng, rng.choice([60, 400, 3000])).encode().split()
+        other = list(words)
+        for _ in range(int(len(words) * rng.random() * 0.3)):
+            other[rng.randrange(len(other))] = b"w%d" % rng.randrange(10**9)
+        pairs.append((b" ".join(words), b" ".join(other)))
+    flat = [t for p in pairs for t in p]
+    sigs = dedupe.signatures(flat, num_perm=128)
+    errors = np.array(
+        [
+            np.mean(sigs[2 * i] == sigs[2 * i + 1]) - _shingle_jaccard(a, b)
+            for i, (a, b) in enumerate(pairs)
+        ]
+    )
+    assert abs(errors.mean()) < 0.02 and np.abs(errors).max() < 0.2
+    # A text's signature does not depend on the batch it was sketched in.
+    assert (dedupe.signatures(flat[:7], num_perm=128) == sigs[:7]).all()
+    alone = dedupe.signatures([flat[5]], num_perm=128)
+    assert (alone[0] == sigs[5]).all()
+    # Any number of permutations; short texts (fewer words than a shingle) and no words.
+    short = dedupe.signatures([b"hi", b"hi", b"hi there", b"", b" \n "], num_perm=100)
+    assert short.shape == (5, 100)
+    assert (short[0] == short[1]).all() and not (short[0] == short[2]).all()
+    assert (short[3] == short[4]).all()

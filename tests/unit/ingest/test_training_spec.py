@@ -58,4 +58,4 @@ def test_versions_made_before_specs_count_as_announced_without_one():
     assert module_spec and module_spec.loader
     migration = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(migration)
-    assert migration.NO_SPEC == training_key(None)
+    assert training_key(None) == migration.NO_SPEC
