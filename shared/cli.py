@@ -123,12 +123,60 @@ def demo(
     keep_running: Annotated[
         bool, typer.Option(help="Leave the system up after the demo (Ctrl-C stops it).")
     ] = False,
+    gateway: Annotated[
+        str | None,
+        typer.Option(
+            help="Drive a system that is already running (e.g. `docker compose up`) through "
+            "this gateway URL instead of starting one here (compose: http://localhost:8080)."
+        ),
+    ] = None,
+    ingest: Annotated[
+        str, typer.Option(help="With --gateway: ingest's URL (compose: http://localhost:8081).")
+    ] = "http://localhost:8081",
+    nats_url: Annotated[
+        str,
+        typer.Option(
+            envvar="TUNELOOP_NATS_URL", help="With --gateway: the system's NATS, to follow the run."
+        ),
+    ] = "nats://localhost:4222",
 ) -> None:
     """The whole loop on this machine: start everything, upload a generated corpus, fine-tune,
     merge, deploy on vLLM, evaluate against the base model, canary through the gateway under
-    live traffic, and print the base and fine-tuned scores side by side."""
-    from shared.demo import demo_env, run_demo, scoreboard
+    live traffic, and print the base and fine-tuned scores side by side.
+
+    With --gateway, nothing is started: the demo drives the running system at those URLs
+    (set TUNELOOP_ADMIN_KEY to its admin key) and the services' own settings apply."""
+    from shared.demo import demo_env, remote_state, run_demo, scoreboard
     from shared.supervisor import available_services
+
+    if gateway is not None:
+        import httpx
+        from nats.errors import Error as NatsError
+
+        home.mkdir(parents=True, exist_ok=True)
+        state = remote_state(gateway_url=gateway, ingest_url=ingest, nats_url=nats_url, home=home)
+        try:
+            result = asyncio.run(
+                run_demo(
+                    state,
+                    None,
+                    train_records=train_records,
+                    timeout_s=timeout_s,
+                    say=console.print,
+                )
+            )
+        except (OSError, RuntimeError, TimeoutError, httpx.HTTPError, NatsError) as exc:
+            console.print(
+                f"[red]could not drive the system at {gateway}[/red]: {exc}\n"
+                "Is it up (`docker compose up -d`, then `docker compose ps`)? Check --ingest, "
+                "--nats-url and TUNELOOP_ADMIN_KEY."
+            )
+            raise typer.Exit(1) from exc
+        for line in scoreboard(result):
+            typer.echo(line)
+        raise typer.Exit(
+            0 if result.outcome in ("promoted", "refused by the evaluation gate") else 1
+        )
 
     if (home / "up.json").exists():
         console.print(

@@ -336,9 +336,32 @@ async def supervise(
             await asyncio.wait_for(stop.wait(), 0.5)
 
 
+def remote_state(*, gateway_url: str, ingest_url: str, nats_url: str, home: Path) -> dict[str, Any]:
+    """The demo's view of a system it did not start (``docker compose up``, a cluster)."""
+    return {
+        "home": str(home),
+        "nats_url": nats_url,
+        "urls": {"gateway": gateway_url.rstrip("/"), "ingest": ingest_url.rstrip("/")},
+    }
+
+
+def service_urls(state: dict[str, Any]) -> tuple[str, str]:
+    """Ingest's and the gateway's base URLs, from ``Embedded.state()`` or :func:`remote_state`."""
+    if "urls" in state:
+        return state["urls"]["ingest"], state["urls"]["gateway"]
+    services = state["services"]
+    for needed in ("ingest", "gateway"):
+        if needed not in services:
+            raise RuntimeError(f"the demo needs the {needed} service")
+    return (
+        f"http://127.0.0.1:{services['ingest']['http_port']}",
+        f"http://127.0.0.1:{services['gateway']['http_port']}",
+    )
+
+
 async def run_demo(
     state: dict[str, Any],
-    embedded: Embedded,
+    embedded: Embedded | None,
     *,
     train_records: int = 600,
     timeout_s: float = 1800,
@@ -357,12 +380,7 @@ async def run_demo(
     from shared import demotask
     from shared.settings import DEV_ADMIN_KEY
 
-    services = state["services"]
-    for needed in ("ingest", "gateway"):
-        if needed not in services:
-            raise RuntimeError(f"the demo needs the {needed} service")
-    ingest_url = f"http://127.0.0.1:{services['ingest']['http_port']}"
-    gateway_url = f"http://127.0.0.1:{services['gateway']['http_port']}"
+    ingest_url, gateway_url = service_urls(state)
     admin_key = admin_key or os.environ.get("TUNELOOP_ADMIN_KEY", DEV_ADMIN_KEY)
     corpus, _bench = demotask.write(Path(state["home"]) / "demo", n_train=train_records)
     # Production-like traffic from the train distribution (another seed): never the held-out
@@ -396,7 +414,11 @@ async def run_demo(
     traffic = asyncio.create_task(
         send_traffic(gateway_url, key, prompts, result, stop, system_prompt=demotask.SYSTEM_PROMPT)
     )
-    supervisor = asyncio.create_task(supervise(embedded, stop, result.supervisor_notes, say))
+    supervisor = asyncio.create_task(
+        supervise(embedded, stop, result.supervisor_notes, say)
+        if embedded is not None
+        else stop.wait()
+    )
     pending: set[asyncio.Task[None]] = set()
 
     def on_event(event: Event) -> None:
@@ -434,7 +456,7 @@ async def run_demo(
 async def wait_for_stable(
     gateway_url: str,
     key: str,
-    embedded: Embedded,
+    embedded: Embedded | None,
     *,
     say: Callable[[str], None],
     timeout_s: float,
@@ -443,7 +465,7 @@ async def wait_for_stable(
     deadline = time.monotonic() + timeout_s
     async with httpx.AsyncClient(timeout=30) as client:
         while time.monotonic() < deadline:
-            for note in embedded.supervise_once():
+            for note in embedded.supervise_once() if embedded is not None else []:
                 say(note)
             try:
                 response = await client.post(

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import text
 
 from shared.db import Database
-from shared.demo import demo_env, run_demo
+from shared.demo import demo_env, remote_state, run_demo
 from shared.events import EvaluationCompleted, ModelDeployed, RolloutChanged
 from shared.runs import load_spans
 from shared.subjects import DATASET_READY, Namespace
@@ -50,7 +50,14 @@ async def test_a_dataset_becomes_a_promoted_model_serving_through_the_gateway(
     embedded = Embedded(home=tmp_path / "home", extra_env=env)
     state = await asyncio.to_thread(embedded.start)
     try:
-        result = await run_demo(state, embedded, train_records=600, timeout_s=1500)
+        # Driven as `tuneloop demo --gateway URL` drives a system it did not start (compose).
+        remote = remote_state(
+            gateway_url=f"http://127.0.0.1:{state['services']['gateway']['http_port']}",
+            ingest_url=f"http://127.0.0.1:{state['services']['ingest']['http_port']}",
+            nats_url=state["nats_url"],
+            home=tmp_path / "client",
+        )
+        result = await run_demo(remote, None, train_records=600, timeout_s=1500)
         story = "\n".join(type(e).__name__ + " " + e.model_dump_json()[:300] for e in result.events)
         assert result.outcome == "promoted", story
 
