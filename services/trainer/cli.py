@@ -40,6 +40,20 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _parse_spec(text: str, model: type[Any]) -> Any:
+    """``--spec``: JSON text, or the path of a JSON file (at most 64 KiB)."""
+    source = text
+    if not text.lstrip().startswith("{"):
+        path = Path(text)
+        if not path.is_file() or path.stat().st_size > 64 * 1024:
+            raise ValueError(f"--spec {text[:200]!r}: not JSON text nor a JSON file (<= 64 KiB)")
+        source = path.read_text()
+    try:
+        return model.model_validate_json(source)
+    except ValueError as exc:
+        raise ValueError(f"--spec is not a valid TrainingSpec: {exc}") from exc
+
+
 class _DatabaseOnly:
     """Enough of a runtime for job updates that emit nothing (the CLI has no outbox relay)."""
 
@@ -104,6 +118,15 @@ def register(app: typer.Typer) -> None:
                 "--set", help="Override a config field, e.g. --set max_steps_per_phase=20"
             ),
         ] = None,
+        spec_text: Annotated[
+            str | None,
+            typer.Option(
+                "--spec",
+                help="A TrainingSpec as a DatasetReady would carry it (JSON text or a .json "
+                'file), e.g. \'{"method": "lora", "overrides": {"r": 8}}\'; applied over the '
+                "other options and checked as the service checks it.",
+            ),
+        ] = None,
         out: Annotated[
             Path | None, typer.Option(help="Where the adapter goes (default ./adapters/<id>).")
         ] = None,
@@ -118,12 +141,17 @@ def register(app: typer.Typer) -> None:
         """Train an adapter on a local dataset directory (no broker, no database)."""
         from rich.console import Console
 
-        from services.trainer.handlers import make_plan, worker_spec, write_phase
+        from services.trainer.handlers import (
+            local_base_model,
+            make_plan,
+            worker_spec,
+            write_phase,
+        )
         from services.trainer.settings import TrainerSettings
-        from services.trainer.training.config import ConfigError
+        from services.trainer.training.config import ConfigError, Layer
         from services.trainer.training.data import DataError, plan_phases, read_records
         from services.trainer.training.runner import run_worker
-        from shared.basemodels import resolve_base_model
+        from shared.events import TrainingSpec
         from shared.settings import CommonSettings
 
         console = Console(stderr=True)
@@ -137,16 +165,16 @@ def register(app: typer.Typer) -> None:
         updates: dict[str, Any] = {}
         if profile:
             updates["profile"] = profile
-        if method:
-            updates["method"] = method
         if base_model:
             updates["base_model"] = base_model
-        if overrides:
-            updates["overrides"] = {**base.overrides, **_parse_overrides(overrides)}
+        flags = Layer("the command line", _parse_overrides(overrides or []), method)
         try:
+            training = _parse_spec(spec_text, TrainingSpec) if spec_text else None
             settings = TrainerSettings(**{**base.model_dump(), **updates})
             dataset_id = _dataset_id(train_path)
-            plan = make_plan(dataset_id, settings, phases=phase or None)
+            plan = make_plan(
+                dataset_id, settings, spec=training, layers=[flags], phases=phase or None
+            )
             records = read_records(train_path, source=str(train_path))
             manifests = {
                 p: (dataset_dir / f"curriculum-{p}.json").read_bytes()
@@ -158,7 +186,7 @@ def register(app: typer.Typer) -> None:
             console.print(f"[red]{exc}[/red]")
             raise typer.Exit(2) from exc
         try:
-            base_path = resolve_base_model(plan.base_model)
+            base_path = local_base_model(plan.base_model)
         except Exception as exc:
             console.print(f"[red]base model {plan.base_model!r}: {exc}[/red]")
             raise typer.Exit(2) from exc
@@ -169,6 +197,7 @@ def register(app: typer.Typer) -> None:
             "base_model_path": base_path,
             "config_hash": plan.config.config_hash(),
             "config": plan.config.canonical(),
+            "training_spec": training.model_dump(mode="json") if training else None,
             "phases": [{"phase": p.name, "records": len(p.records)} for p in phases],
         }
         if dry_run:

@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +24,9 @@ from services.trainer.settings import TrainerSettings
 from services.trainer.training.checkpoints import has_local_progress, snapshot
 from services.trainer.training.config import (
     ConfigError,
+    Layer,
     TrainingConfig,
     adapter_id_for,
-    resolve_config,
 )
 from services.trainer.training.data import (
     PHASE_ORDER,
@@ -40,7 +40,14 @@ from shared import failpoints
 from shared.basemodels import resolve_base_model
 from shared.bus import PermanentError
 from shared.db import utcnow
-from shared.events import ArtifactRef, DatasetReady, PhaseMetrics, TrainingDone, TrainingFailed
+from shared.events import (
+    ArtifactRef,
+    DatasetReady,
+    PhaseMetrics,
+    TrainingDone,
+    TrainingFailed,
+    TrainingSpec,
+)
 from shared.storage import ArtifactCorrupted, ArtifactStore, UnsafeKey
 
 log = logging.getLogger(__name__)
@@ -52,6 +59,7 @@ MAX_TRAIN_BYTES = 50 * 2**30
 MAX_MANIFEST_BYTES = 200 * 2**20
 
 WorkerRun = Callable[..., Awaitable[Outcome]]
+SPEC_SOURCE = "the run's TrainingSpec"
 
 
 def event_uuid(*parts: str) -> uuid.UUID:
@@ -69,25 +77,65 @@ class Plan:
 
 
 def plan_for(event: DatasetReady, settings: TrainerSettings) -> Plan:
-    return make_plan(event.dataset_id, settings)
+    return make_plan(event.dataset_id, settings, spec=event.training)
 
 
 def make_plan(
-    dataset_id: str, settings: TrainerSettings, *, phases: list[str] | None = None
+    dataset_id: str,
+    settings: TrainerSettings,
+    *,
+    spec: TrainingSpec | None = None,
+    layers: Sequence[Layer] = (),
+    phases: list[str] | None = None,
 ) -> Plan:
-    """Resolve the config (refusing forbidden methods) and the adapter id it produces."""
-    overrides = {**settings.overrides, **({"phases": phases} if phases else {})}
-    config = resolve_config(
-        settings.profile,
-        method=settings.method,
-        overrides=overrides,
-        forbidden_methods=set(settings.forbidden_methods),
+    """Resolve the config and the adapter id it produces.
+
+    Order: the profile (``spec.profile`` or ``TRAINER_PROFILE``) → ``TRAINER_OVERRIDES`` /
+    ``TRAINER_METHOD`` → ``layers`` (the CLI's flags) → ``spec.overrides`` / ``spec.method``
+    → ``phases``. Raises :class:`ConfigError` for an invalid, over-the-limits or forbidden
+    config and for a base model the settings do not allow a spec to pick.
+    """
+    stack = list(layers)
+    if spec is not None:
+        stack.append(Layer(SPEC_SOURCE, spec.overrides, spec.method))
+    if phases:
+        stack.append(Layer("--phase", {"phases": phases}))
+    config = settings.resolve(
+        *stack,
+        profile=spec.profile if spec else None,
+        profile_source=SPEC_SOURCE if spec and spec.profile else "",
     )
+    base_model = settings.base_model
+    if spec is not None and spec.base_model is not None:
+        base_model = allowed_base_model(spec.base_model, settings)
     return Plan(
         config=config,
-        base_model=settings.base_model,
-        adapter_id=adapter_id_for(dataset_id, settings.base_model, config),
+        base_model=base_model,
+        adapter_id=adapter_id_for(dataset_id, base_model, config),
     )
+
+
+def allowed_base_model(name: str, settings: TrainerSettings) -> str:
+    """A spec's base model, if the settings allow it (exact names only: a spec never makes
+    the trainer load an arbitrary path or hub id)."""
+    if name == settings.base_model or name in settings.allowed_base_models:
+        return name
+    allowed = sorted({settings.base_model, *settings.allowed_base_models})
+    raise ConfigError(
+        f"base model {name[:200]!r} from {SPEC_SOURCE} is not allowed on this trainer; "
+        f"allowed: {allowed} (TRAINER_BASE_MODEL, TRAINER_ALLOWED_BASE_MODELS)"
+    )
+
+
+def local_base_model(name: str) -> str:
+    """The checkpoint directory of a base model; never a hub id (no downloads at run time)."""
+    path = resolve_base_model(name)
+    if not os.path.isabs(path) or not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"base model {name[:200]!r} is not a local checkpoint (the trainer never downloads "
+            "a model at run time: use a built-in name or an absolute path)"
+        )
+    return path
 
 
 async def refuse(
@@ -188,17 +236,31 @@ async def on_dataset_ready(
         return None
     if outcome.status == "failed":
         reason = outcome.reason
-        checkpoint = await _last_checkpoint(jobs, plan.adapter_id)
+        checkpoint = await _last_good_checkpoint(jobs, plan.adapter_id, outcome)
         if checkpoint:
             reason += f" (last good checkpoint: {checkpoint})"
+        elif outcome.kind == "diverged":
+            reason += " (no checkpoint was saved before it)"
         failed = await refuse(event, reason, jobs=jobs, adapter_id=plan.adapter_id)
         raise PermanentError(f"{outcome.kind or 'failed'}: {failed.reason}")
     return await _finish(event, plan, outcome, store=store, jobs=jobs, settings=settings, work=work)
 
 
-async def _last_checkpoint(jobs: JobRepository, adapter_id: str) -> str | None:
+async def _last_good_checkpoint(
+    jobs: JobRepository, adapter_id: str, outcome: Outcome
+) -> str | None:
+    """The job's last stored checkpoint, unless it is not older than the step that diverged
+    (the worker does not save that step; this guards the claim in the failure's reason)."""
     job = await jobs.get(adapter_id)
     if job is None or not job.checkpoint_ref:
+        return None
+    bad_step = outcome.metadata.get("step")
+    if (
+        outcome.kind == "diverged"
+        and isinstance(bad_step, int)
+        and job.checkpoint_phase == outcome.metadata.get("phase")
+        and (job.checkpoint_step or 0) >= bad_step
+    ):
         return None
     uri = json.loads(job.checkpoint_ref)["uri"]
     return f"{job.checkpoint_phase} step {job.checkpoint_step} at {uri}"
@@ -239,9 +301,7 @@ async def prepare(
             raise DataError(f"curriculum manifest {name} is too large ({ref.size_bytes} bytes)")
         manifests[name] = await store.get_bytes(ref)
     phases = plan_phases(records, manifests, plan.config.phases)
-    base_path = await asyncio.to_thread(resolve_base_model, plan.base_model)
-    if not await asyncio.to_thread(os.path.isdir, base_path):
-        raise FileNotFoundError(f"base model {plan.base_model!r} is not available locally")
+    base_path = await asyncio.to_thread(local_base_model, plan.base_model)
     phase_specs = [await asyncio.to_thread(write_phase, data, phase) for phase in phases]
     return worker_spec(
         work,

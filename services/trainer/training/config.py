@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -30,7 +32,7 @@ class ConfigError(ValueError):
 class TrainingConfig(BaseModel):
     """Everything that decides how an adapter is trained (hashed into the adapter id)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     method: TrainingMethod = "dora"
     r: int = Field(default=16, ge=1, le=1024)
@@ -97,6 +99,61 @@ class TrainingConfig(BaseModel):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+FIELDS = frozenset(TrainingConfig.model_fields)
+
+
+class ConfigLimits(BaseModel):
+    """Upper bounds on a resolved config (``TRAINER_LIMITS``), whatever asked for it: the
+    profile, ``TRAINER_OVERRIDES`` or a run's ``TrainingSpec``. They keep one event from
+    occupying a trainer for days or asking for a batch no machine holds; every built-in
+    profile fits the defaults."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_steps_per_phase: int = Field(default=100_000, ge=1)
+    epochs_per_phase: float = Field(default=10.0, gt=0)
+    r: int = Field(default=512, ge=1)
+    batch_size: int = Field(default=256, ge=1)
+    grad_accum: int = Field(default=256, ge=1)
+    max_length: int = Field(default=32_768, ge=16)
+    # batch_size × max_length: the tokens of one micro-batch (the h100 profile: 32k).
+    batch_tokens: int = Field(default=262_144, ge=16)
+
+    def violations(self, config: TrainingConfig) -> list[tuple[str, str]]:
+        """(field, message) for each bound the config is over."""
+        out = []
+        for name in ("max_steps_per_phase", "epochs_per_phase", "r", "batch_size", "grad_accum"):
+            value, limit = getattr(config, name), getattr(self, name)
+            if value is not None and value > limit:
+                out.append((name, f"{name}={value} is over the limit {limit}"))
+        if config.max_length > self.max_length:
+            out.append(
+                (
+                    "max_length",
+                    f"max_length={config.max_length} is over the limit {self.max_length}",
+                )
+            )
+        tokens = config.batch_size * config.max_length
+        if tokens > self.batch_tokens:
+            out.append(
+                (
+                    "batch_size",
+                    f"batch_size x max_length = {tokens} tokens is over the limit "
+                    f"{self.batch_tokens}",
+                )
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One source of settings over the profile, applied in order (later layers win)."""
+
+    source: str
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    method: str | None = None
+
+
 # The seeds' H100 recipe (train-and-quantize-h100.sh): r=128, alpha=256, all linear layers.
 PROFILES: dict[str, dict[str, Any]] = {
     "h100": {
@@ -147,25 +204,65 @@ def resolve_config(
     profile: str,
     *,
     method: str | None = None,
-    overrides: dict[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    layers: Sequence[Layer] = (),
     forbidden_methods: frozenset[str] | set[str] = frozenset(),
+    limits: ConfigLimits | None = None,
+    profile_source: str = "",
 ) -> TrainingConfig:
-    """Profile → overrides → method; refuses forbidden methods (never swaps them)."""
+    """Profile → ``overrides``/``method`` → each of ``layers`` in order; validated strictly
+    (no type coercion), checked against ``limits``, forbidden methods refused (never swapped).
+
+    Every refusal is a :class:`ConfigError` that names the field and where its value came
+    from.
+    """
     if profile not in PROFILES:
-        raise ConfigError(f"unknown training profile {profile!r}; choose from {sorted(PROFILES)}")
-    values: dict[str, Any] = {**PROFILES[profile], **(overrides or {})}
-    if method is not None:
-        values["method"] = method
+        raise ConfigError(
+            f"unknown training profile {profile!r}{_from(profile_source)}; "
+            f"choose from {sorted(PROFILES)}"
+        )
+    stack = [Layer("", overrides or {}, method), *layers]
+    values: dict[str, Any] = dict(PROFILES[profile])
+    origin: dict[str, str] = dict.fromkeys(values, f"profile {profile}")
+    for layer in stack:
+        unknown = sorted(set(layer.overrides) - FIELDS)
+        if unknown:
+            raise ConfigError(
+                f"unknown training setting(s) {[k[:50] for k in unknown[:5]]}"
+                f"{_from(layer.source)}; known: {sorted(FIELDS)}"
+            )
+        values.update(layer.overrides)
+        origin.update(dict.fromkeys(layer.overrides, layer.source))
+        if layer.method is not None:
+            values["method"] = layer.method
+            origin["method"] = layer.source
     try:
-        config = TrainingConfig(**values)
+        config = TrainingConfig.model_validate(values, strict=True)
     except ValidationError as exc:
-        raise ConfigError(f"invalid training config: {exc}") from exc
+        problems = []
+        for err in exc.errors()[:5]:
+            name = str(err["loc"][0]) if err["loc"] else "config"
+            got = repr(err.get("input"))
+            got = got if len(got) <= 60 else got[:57] + "..."
+            problems.append(f"{name}: {err['msg']} (got {got}{_from(origin.get(name, ''))})")
+        raise ConfigError("invalid training config: " + "; ".join(problems)) from exc
+    over = (limits or ConfigLimits()).violations(config)
+    if over:
+        raise ConfigError(
+            "training config over the trainer's limits (TRAINER_LIMITS): "
+            + "; ".join(f"{msg}{_from(origin.get(name, ''))}" for name, msg in over)
+        )
     if config.method in forbidden_methods:
         raise ConfigError(
-            f"training method {config.method!r} is forbidden by policy "
-            f"(forbidden: {sorted(forbidden_methods)}); refusing instead of using another method"
+            f"training method {config.method!r} is forbidden by policy (forbidden: "
+            f"{sorted(forbidden_methods)}{_from(origin.get('method', ''))}); refusing instead "
+            "of using another method"
         )
     return config
+
+
+def _from(source: str) -> str:
+    return f", from {source}" if source else ""
 
 
 def adapter_id_for(dataset_id: str, base_model: str, config: TrainingConfig) -> str:

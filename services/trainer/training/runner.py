@@ -34,7 +34,8 @@ StopCheck = Callable[[], Awaitable[bool]]
 
 @dataclass
 class Outcome:
-    """How a worker run ended. ``crashed`` is the only retryable one."""
+    """How a worker run ended. ``crashed`` is the only retryable one. ``metadata``: the
+    adapter's training metadata when done; where it failed (phase, step) when it diverged."""
 
     status: Literal["done", "failed", "cancelled", "crashed"]
     reason: str = ""
@@ -139,8 +140,13 @@ def _outcome(work: Path, code: int, log_path: Path) -> Outcome:
     if status == "done" and code == 0:
         return Outcome("done", metadata=result.get("metadata", {}), returncode=code)
     if status == "failed":
+        detail = result.get("detail")
         return Outcome(
-            "failed", reason=result.get("reason", ""), kind=result.get("kind", ""), returncode=code
+            "failed",
+            reason=result.get("reason", ""),
+            kind=result.get("kind", ""),
+            metadata=detail if isinstance(detail, dict) else {},
+            returncode=code,
         )
     if status == "cancelled" or code == EXIT_CANCELLED:
         return Outcome("cancelled", reason="cancelled on request", returncode=code)

@@ -51,9 +51,19 @@ DEFAULT_PROMPTS = [
 class PermanentFailure(Exception):
     """Training cannot succeed by retrying (diverged, out of memory, unsupported device)."""
 
-    def __init__(self, reason: str, *, kind: str) -> None:
+    def __init__(self, reason: str, *, kind: str, detail: dict[str, Any] | None = None) -> None:
         super().__init__(reason)
         self.kind = kind
+        self.detail = detail or {}
+
+
+def non_finite(logs: dict[str, Any]) -> str | None:
+    """The first of loss / grad norm in a log row that is NaN or infinite, as ``"loss nan"``."""
+    for key in ("loss", "grad_norm"):
+        value = logs.get(key)
+        if value is not None and not math.isfinite(float(value)):
+            return f"{key.replace('_', ' ')} {float(value)}"
+    return None
 
 
 def chatml_training_template(original: str) -> str:
@@ -242,7 +252,16 @@ class Worker:
         worker = self
         started = time.monotonic()
         last_save = [time.monotonic()]
-        diverged: list[str] = []
+        diverged: list[PermanentFailure] = []
+
+        def diverge(what: str, step: int) -> None:
+            diverged.append(
+                PermanentFailure(
+                    f"training diverged: {what} at step {step} of phase {name}",
+                    kind="diverged",
+                    detail={"phase": name, "step": step},
+                )
+            )
 
         class Progress(TrainerCallback):  # type: ignore[misc]
             def on_log(
@@ -256,10 +275,13 @@ class Worker:
                 steps_log.write(json.dumps(row) + "\n")
                 steps_log.flush()
                 emit("step", **row)
-                if not math.isfinite(loss):
-                    diverged.append(
-                        f"loss became {loss} at step {state.global_step} of phase {name}"
-                    )
+                bad = non_finite(logs)
+                if bad and not diverged:
+                    diverge(bad, state.global_step)
+                if diverged:
+                    # Logging runs before saving in the same step: this state is not a good
+                    # checkpoint, so the last one saved stays the last good one.
+                    control.should_save = False
                     control.should_training_stop = True
                 return control
 
@@ -276,6 +298,16 @@ class Worker:
             def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
                 last_save[0] = time.monotonic()
                 path = ckpt_dir / f"checkpoint-{state.global_step}"
+                trained = kw.get("model")
+                if trained is not None and not all(
+                    bool(torch.isfinite(p).all()) for p in trained.parameters() if p.requires_grad
+                ):
+                    # A finite loss can come from weights that already hold inf/NaN.
+                    shutil.rmtree(path, ignore_errors=True)
+                    if not diverged:
+                        diverge("non-finite adapter weights", state.global_step)
+                    control.should_training_stop = True
+                    return control
                 emit("checkpoint", phase=name, step=state.global_step, path=str(path))
                 return control
 
@@ -303,6 +335,9 @@ class Worker:
             save_steps=self.checkpoint_every_steps,
             save_total_limit=2,
             report_to=[],
+            # The default replaces a NaN/inf loss by the running mean in the logs (it logged
+            # 0.0 for a LoRA that had diverged), which would hide a divergence from on_log.
+            logging_nan_inf_filter=False,
             disable_tqdm=True,
             dataloader_num_workers=0,
             train_sampling_strategy="sequential" if phase.get("sequential") else "random",
@@ -331,7 +366,7 @@ class Worker:
         finally:
             steps_log.close()
         if diverged:
-            raise PermanentFailure(diverged[0], kind="diverged")
+            raise diverged[0]
         if (self.work / STOP_FILE).exists():
             raise SystemExit(EXIT_CANCELLED)
         losses = [
@@ -494,7 +529,9 @@ def main(spec_path: str) -> int:
     try:
         metadata = Worker(spec).run()
     except PermanentFailure as exc:
-        write_result(work, {"status": "failed", "kind": exc.kind, "reason": str(exc)})
+        write_result(
+            work, {"status": "failed", "kind": exc.kind, "reason": str(exc), "detail": exc.detail}
+        )
         return EXIT_PERMANENT
     except SystemExit as exc:
         if exc.code == EXIT_CANCELLED:

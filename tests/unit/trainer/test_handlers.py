@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -17,7 +18,14 @@ from services.trainer.settings import TrainerSettings
 from services.trainer.training.runner import Outcome
 from shared.bus import PermanentError
 from shared.db import utcnow
-from shared.events import ArtifactRef, DatasetReady, SplitCounts, TrainingDone, TrainingFailed
+from shared.events import (
+    ArtifactRef,
+    DatasetReady,
+    SplitCounts,
+    TrainingDone,
+    TrainingFailed,
+    TrainingSpec,
+)
 from shared.storage import ArtifactStore
 
 
@@ -288,3 +296,82 @@ async def test_a_job_held_by_a_live_replica_is_left_alone(store, settings, tmp_p
     run = FakeRun(DONE)
     assert await handle(event, store, settings, tmp_path, jobs, run) is None
     assert run.specs == []
+
+
+async def test_a_training_spec_trains_its_own_adapter(store, settings, tmp_path) -> None:
+    event = await dataset(store)
+    jobs, run = FakeJobs(), FakeRun(DONE)
+    plain = await handle(event, store, settings, tmp_path, jobs, run)
+    spec = TrainingSpec(method="lora", overrides={"r": 4, "learning_rate": 1e-3})
+    other = event.model_copy(update={"event_id": uuid.uuid4(), "training": spec})
+    tuned = await handle(other, store, settings, tmp_path, jobs, run)
+    assert isinstance(plain, TrainingDone) and isinstance(tuned, TrainingDone)
+    assert tuned.adapter_id != plain.adapter_id
+    assert (tuned.method, tuned.hyperparameters["r"]) == ("lora", 4)
+    assert tuned.hyperparameters["learning_rate"] == 1e-3
+    assert plain.hyperparameters["r"] == 16
+    # The worker trained what the spec asked for.
+    assert run.specs[1]["config"]["r"] == 4 and run.specs[1]["config"]["method"] == "lora"
+    # The same spec re-delivered (or re-announced): trained once.
+    again = other.model_copy(update={"event_id": uuid.uuid4()})
+    assert await handle(again, store, settings, tmp_path, jobs, run) is None
+    assert len(run.specs) == 2
+    assert [type(e) for e in jobs.emitted] == [TrainingDone, TrainingDone]
+
+
+@pytest.mark.parametrize(
+    ("spec", "reason"),
+    [
+        (TrainingSpec(method="qlora"), "'qlora' is forbidden by policy"),
+        (TrainingSpec(base_model="/etc"), "base model '/etc' from the run's TrainingSpec"),
+        (TrainingSpec(base_model="org/some-model"), "is not allowed on this trainer"),
+        (TrainingSpec(overrides={"batch_size": 10**6}), "batch_size"),
+        (TrainingSpec(overrides={"max_steps_per_phase": 5_000_000}), "over the limit"),
+        (TrainingSpec(overrides={"r; drop table": 1}), "unknown training setting"),
+        (TrainingSpec(overrides={"lr_scheduler": "chaos"}), "lr_scheduler"),
+    ],
+)
+async def test_a_bad_spec_fails_with_a_reason_and_is_dead_lettered(
+    store, base_model, tmp_path, spec, reason
+) -> None:
+    settings = TrainerSettings(
+        profile="cpu-tiny", base_model=base_model, forbidden_methods=["lora", "qlora"]
+    )
+    jobs, run = FakeJobs(), FakeRun(DONE)
+    event = (await dataset(store)).model_copy(update={"training": spec})
+    with pytest.raises(PermanentError, match=re.escape(reason)):
+        await handle(event, store, settings, tmp_path, jobs, run)
+    (failed,) = jobs.emitted
+    assert isinstance(failed, TrainingFailed) and not failed.retryable
+    assert reason in failed.reason
+    assert run.specs == [] and jobs.jobs == {}  # nothing claimed, nothing trained
+
+
+async def test_a_hub_id_base_model_is_never_loaded(store, tmp_path) -> None:
+    """Even the operator's own TRAINER_BASE_MODEL: no download at run time."""
+    settings = TrainerSettings(profile="cpu-tiny", base_model="org/some-model")
+    jobs, run = FakeJobs(), FakeRun(DONE)
+    with pytest.raises(PermanentError, match="not a local checkpoint"):
+        await handle(await dataset(store), store, settings, tmp_path, jobs, run)
+    assert run.specs == []
+
+
+async def test_a_checkpoint_not_older_than_the_divergence_is_not_called_good(
+    store, settings, tmp_path
+) -> None:
+    event = await dataset(store)
+    jobs = FakeJobs()
+    run = FakeRun(
+        Outcome(
+            "failed",
+            kind="diverged",
+            reason="training diverged: loss nan at step 2 of phase all",
+            metadata={"phase": "all", "step": 2},
+        ),
+        checkpoint_at=2,
+    )
+    with pytest.raises(PermanentError, match="diverged"):
+        await handle(event, store, settings, tmp_path, jobs, run)
+    (failed,) = jobs.emitted
+    assert "no checkpoint was saved before it" in failed.reason
+    assert "last good checkpoint" not in failed.reason
