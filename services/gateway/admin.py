@@ -103,7 +103,8 @@ def install(app: FastAPI, state: GatewayState) -> None:
     async def routes(_: Admin) -> dict[str, Any]:
         await state.sync_once()
         out: dict[str, Any] = {}
-        for row in sorted(state.rows.values(), key=lambda r: (r.served_model_name, r.created_at)):
+        rows = [r for r in state.rows.values() if r.state != "retired"]  # history, not routes
+        for row in sorted(rows, key=lambda r: (r.served_model_name, r.created_at)):
             up = state.upstreams.get(row.deployment_id)
             out.setdefault(row.served_model_name, []).append(
                 {
@@ -117,6 +118,7 @@ def install(app: FastAPI, state: GatewayState) -> None:
                     "auto": row.auto,
                     "pinned": row.pinned,
                     "reason": row.reason,
+                    "engine_retired": row.retired_at is not None,
                     "updated_at": row.updated_at.isoformat(),
                     "circuit_open": bool(up and up.breaker.is_open),
                     "live": state.live_stats(row.deployment_id),
@@ -175,11 +177,36 @@ def install(app: FastAPI, state: GatewayState) -> None:
                 )
             )
             return {"events": events}
-        previous = sorted(
-            (r for r in rows if r.state == "previous"), key=lambda r: r.updated_at, reverse=True
-        )
+        if target is not None:  # a named deployment that is not the canary: restore it
+            named = next((r for r in rows if r.deployment_id == target), None)
+            if named is None:
+                raise _error(404, f"{target!r} does not serve {model!r}", "not_found")
+            if named.state != "previous":
+                what = "retired by inference (its engine is gone)" if named.retired_at else None
+                raise _error(
+                    409,
+                    f"cannot roll back to {target}: it is {what or named.state}, not a canary "
+                    "or a previous stable",
+                    "conflict",
+                )
+            previous = [named]
+        else:
+            previous = sorted(
+                (r for r in rows if r.state == "previous"),
+                key=lambda r: r.updated_at,
+                reverse=True,
+            )
         if not previous:
-            raise _error(409, "no canary to roll back and no previous stable", "conflict")
+            gone = max(
+                (r for r in rows if r.state == "retired"), key=lambda r: r.updated_at, default=None
+            )
+            detail = (
+                " (deployments retired by inference are not rollback targets: their engines "
+                f"are gone; the latest is {gone.deployment_id})"
+                if gone is not None
+                else ""
+            )
+            raise _error(409, f"no canary to roll back and no previous stable{detail}", "conflict")
         restore = previous[0].deployment_id
         events = await change(
             lambda s: route_state.promote(

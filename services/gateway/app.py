@@ -16,13 +16,18 @@ from typing import Any
 
 from services.gateway import admin, ui
 from services.gateway.control import GatewayState
-from services.gateway.handlers import on_evaluation_completed, on_model_deployed, probe_upstream
+from services.gateway.handlers import (
+    on_deployment_retired,
+    on_evaluation_completed,
+    on_model_deployed,
+    probe_upstream,
+)
 from services.gateway.keys import create_key, list_keys
 from services.gateway.proxy import ProxyApp
 from services.gateway.settings import GatewaySettings
 from shared.bus import Delivery
 from shared.embedded import free_port
-from shared.events import EvaluationCompleted, ModelDeployed
+from shared.events import DeploymentRetired, EvaluationCompleted, ModelDeployed
 from shared.service import ServiceRuntime
 from shared.settings import CommonSettings
 
@@ -59,6 +64,7 @@ class GatewayService:
         self.asgi = ProxyApp(self.state, self.runtime.http)
         self.runtime.bus.subscribe(ModelDeployed, self._on_deployed)
         self.runtime.bus.subscribe(EvaluationCompleted, self._on_evaluated)
+        self.runtime.bus.subscribe(DeploymentRetired, self._on_retired)
         self.dev_key: str | None = None
         self.port: int | None = None
 
@@ -67,6 +73,9 @@ class GatewayService:
 
     async def _on_evaluated(self, event: EvaluationCompleted, delivery: Delivery) -> None:
         await on_evaluation_completed(event, state=self.state)
+
+    async def _on_retired(self, event: DeploymentRetired, delivery: Delivery) -> None:
+        await on_deployment_retired(event, state=self.state)
 
     async def start(self) -> None:
         await self.runtime.start()

@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 
 ROLLOUTS = Counter("gateway_rollout_changes_total", "Rollout transitions made here", ["action"])
 CANARY_WEIGHT = Gauge("gateway_canary_weight", "Current canary share", ["model"])
+STABLE_RETIRED = Gauge(
+    "gateway_stable_engine_retired",
+    "1 while a model's stable deployment is one whose engine inference retired (alert on it)",
+    ["model"],
+)
 ROUTED_STATES = ("stable", "canary")
 FEEDBACK_RETRY_S = 30.0
 REPROBE_S = 30.0
@@ -250,6 +255,7 @@ class GatewayState:
                 pinned=keep[pinned.deployment_id] if pinned else None,
             )
             CANARY_WEIGHT.labels(name).set(canary.weight if canary else 0.0)
+            STABLE_RETIRED.labels(name).set(1 if stable and stable.retired_at else 0)
         for dep_id, up in self.upstreams.items():
             if dep_id not in keep:
                 await up.close()

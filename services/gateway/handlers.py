@@ -11,9 +11,10 @@ import logging
 import aiohttp
 
 from services.gateway.control import GatewayState, Probe
+from services.gateway.models import GatewayDeployment
 from services.gateway.routing import state as route_state
 from shared.bus import PermanentError
-from shared.events import EvaluationCompleted, ModelDeployed
+from shared.events import DeploymentRetired, EvaluationCompleted, ModelDeployed
 from shared.outbox import AlreadyProcessed, Inbox
 
 log = logging.getLogger(__name__)
@@ -84,3 +85,31 @@ async def on_evaluation_completed(event: EvaluationCompleted, *, state: GatewayS
             await INBOX.mark(session, str(event.event_id), event_id=str(event.event_id))
     except AlreadyProcessed:
         return
+
+
+async def on_deployment_retired(event: DeploymentRetired, *, state: GatewayState) -> None:
+    """Inference released a deployment's engine: see :func:`route_state.retire`."""
+    try:
+        async with state.changing() as session:
+            if await INBOX.seen(session, str(event.event_id)):
+                return
+            row = await session.get(GatewayDeployment, event.deployment_id)
+            if row is not None and row.served_model_name != event.served_model_name:
+                raise PermanentError(
+                    f"{event.deployment_id} serves {row.served_model_name!r}, "
+                    f"not {event.served_model_name!r}"
+                )
+            stable = row is not None and row.state == "stable" and row.retired_at is None
+            events = await route_state.retire(session, event)
+            await state.emit_all(session, events)
+            await INBOX.mark(session, str(event.event_id), event_id=str(event.event_id))
+    except AlreadyProcessed:
+        return
+    if stable:
+        log.error(
+            "the engine of %s, the stable deployment of %r, was retired by inference (%s): it "
+            "stays routed; promote another deployment or roll back",
+            event.deployment_id,
+            event.served_model_name,
+            event.reason,
+        )

@@ -16,8 +16,11 @@ from shared.db import UTCDateTime
 
 # pending: deployed, waiting for its evaluation; canary: receiving `weight` of traffic;
 # stable: serving the rest; previous: a former stable kept for instant manual rollback;
-# rolled_back / refused: never routed to again unless an admin promotes it.
-DeploymentState = Literal["pending", "canary", "stable", "previous", "rolled_back", "refused"]
+# rolled_back / refused: never routed to again unless an admin promotes it;
+# retired: inference released its engine (DeploymentRetired): never routed to again.
+DeploymentState = Literal[
+    "pending", "canary", "stable", "previous", "rolled_back", "refused", "retired"
+]
 
 
 class GatewayDeployment(SQLModel, table=True):
@@ -48,6 +51,9 @@ class GatewayDeployment(SQLModel, table=True):
     reason: str = Field(default="", sa_column=Column(Text, nullable=False))
     created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
     updated_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    # When inference announced that the engine is gone. Set on a stable too, which keeps its
+    # state (there is nothing to fall back to) but is never made "previous" again.
+    retired_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime()))
 
 
 class GatewayApiKey(SQLModel, table=True):

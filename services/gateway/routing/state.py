@@ -18,7 +18,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.gateway.models import GatewayDeployment
 from shared.db import utcnow
-from shared.events import EvaluationCompleted, ModelDeployed, RolloutChanged
+from shared.events import DeploymentRetired, EvaluationCompleted, ModelDeployed, RolloutChanged
 from shared.telemetry import inject_trace_headers
 
 PRODUCER = "gateway"
@@ -86,6 +86,22 @@ def _set(row: GatewayDeployment, now: datetime, **values: object) -> None:
     row.updated_at = now
 
 
+def _refuse_retired(row: GatewayDeployment) -> None:
+    """No traffic may be sent to a deployment whose engine inference has retired."""
+    if row.retired_at is not None:
+        raise Conflict(
+            f"{row.deployment_id} was retired by inference (its engine is gone): it cannot "
+            f"take traffic ({row.reason})"
+        )
+
+
+def _replaced_stable(row: GatewayDeployment, now: datetime, reason: str) -> None:
+    """A stable that another deployment replaces is kept as ``previous`` for instant rollback,
+    unless its engine is already gone."""
+    state = "retired" if row.retired_at is not None else "previous"
+    _set(row, now, state=state, weight=0.0, pinned=False, reason=reason)
+
+
 async def register_deployment(
     session: AsyncSession,
     event: ModelDeployed,
@@ -128,7 +144,7 @@ async def register_deployment(
         stable = next((r for r in rows if r.state == "stable"), None)
         if stable is None or stable.role == "baseline":
             if stable is not None:
-                _set(stable, now, state="previous", weight=0.0, pinned=False)
+                _replaced_stable(stable, now, f"replaced by baseline {row.deployment_id}")
             _set(row, now, state="stable", weight=1.0, reason="baseline deployment")
             events.append(_event(row, "promoted", weight=1.0, reason="baseline deployment"))
         else:
@@ -270,20 +286,14 @@ async def promote(
     else:
         if row.state in ("stable",):
             raise Conflict(f"{deployment_id} is already stable")
+        _refuse_retired(row)
         _set(row, utcnow(), state="stable", weight=1.0, pinned=False, reason=reason)
     now = utcnow()
     for other in await _model_rows(session, row.served_model_name):
         if other.deployment_id == deployment_id:
             continue
         if other.state == "stable":
-            _set(
-                other,
-                now,
-                state="previous",
-                weight=0.0,
-                pinned=False,
-                reason=f"replaced by {deployment_id}",
-            )
+            _replaced_stable(other, now, f"replaced by {deployment_id}")
         elif other.state == "canary":
             _set(
                 other,
@@ -304,6 +314,7 @@ async def set_weight(
 ) -> list[RolloutChanged]:
     """An admin sets a canary's share by hand; automatic advancing stops (rollback stays)."""
     row = await get(session, deployment_id)
+    _refuse_retired(row)
     if row.state == "stable" or weight >= 1.0:
         return await promote(session, deployment_id, expected_step=None, reason=reason, metrics={})
     if weight <= 0.0:  # 0% is a rollback (inference may then retire the deployment)
@@ -340,6 +351,7 @@ async def pin(
         target = next((r for r in rows if r.deployment_id == deployment_id), None)
         if target is None:
             raise UnknownDeployment(f"{deployment_id!r} does not serve {served_model_name!r}")
+        _refuse_retired(target)
         if target.state not in ("stable", "canary", "previous"):
             raise Conflict(f"{deployment_id} is {target.state}: it cannot take traffic")
     for r in rows:
@@ -349,3 +361,54 @@ async def pin(
         return []
     _set(target, now, pinned=True, reason=reason)
     return [_event(target, "advanced", weight=1.0, reason=f"pinned: {reason}")]
+
+
+async def retire(session: AsyncSession, event: DeploymentRetired) -> list[RolloutChanged]:
+    """Inference released the deployment's engine. Not routed (pending, previous, rolled back,
+    refused): it becomes ``retired`` and is never routed to or restored again. An active canary
+    (or a pinned deployment) goes to 0% at once with a ``rolled_back`` event. The stable keeps
+    its state, marked: dropping it would leave the model with no route at all, so it is left
+    for an operator to promote or roll back (the service logs it and sets
+    ``gateway_stable_engine_retired``). A deployment never registered is recorded as retired,
+    so a late ``ModelDeployed`` cannot route to it. Idempotent."""
+    now = utcnow()
+    reason = f"engine retired by inference: {event.reason or 'no reason given'}"[:4000]
+    row = await session.get(GatewayDeployment, event.deployment_id)
+    if row is None:
+        session.add(
+            GatewayDeployment(
+                deployment_id=event.deployment_id,
+                served_model_name=event.served_model_name,
+                model_id=event.model_id,
+                endpoint="",
+                engine="",
+                role="candidate",
+                run_id=event.run_id,
+                cause_event_id=str(event.event_id),
+                state="retired",
+                reason=reason,
+                retired_at=now,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        await session.flush()
+        return []
+    if row.retired_at is not None:
+        return []
+    row.cause_event_id = str(event.event_id)
+    row.trace_parent = current_traceparent()
+    if row.state == "stable":
+        _set(
+            row,
+            now,
+            retired_at=now,
+            reason=f"{reason}; still the stable (nothing to fall back to): promote another "
+            "deployment or roll back",
+        )
+        return []
+    routed = row.state == "canary" or row.pinned
+    _set(row, now, state="retired", retired_at=now, weight=0.0, pinned=False, reason=reason)
+    if routed:
+        return [_event(row, "rolled_back", weight=0.0, reason=reason)]
+    return []

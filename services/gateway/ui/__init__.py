@@ -89,9 +89,8 @@ class Dashboard:
     async def traffic(self) -> dict[str, Any]:
         await self.state.sync_once()
         models: dict[str, list[dict[str, Any]]] = {}
-        for row in sorted(
-            self.state.rows.values(), key=lambda r: (r.served_model_name, r.created_at)
-        ):
+        routable = [r for r in self.state.rows.values() if r.state != "retired"]
+        for row in sorted(routable, key=lambda r: (r.served_model_name, r.created_at)):
             models.setdefault(row.served_model_name, []).append(
                 {
                     "deployment_id": row.deployment_id,

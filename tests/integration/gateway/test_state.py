@@ -19,7 +19,13 @@ from services.gateway.routing import state as route_state
 from services.gateway.settings import GatewaySettings
 from shared.bus import PermanentError
 from shared.db import Database
-from shared.events import EvaluationCompleted, Event, LatencyPercentiles, ModelDeployed
+from shared.events import (
+    DeploymentRetired,
+    EvaluationCompleted,
+    Event,
+    LatencyPercentiles,
+    ModelDeployed,
+)
 from shared.outbox import OutboxMessage, record_event
 from shared.subjects import Namespace
 
@@ -201,3 +207,106 @@ async def test_handlers_are_idempotent_and_transitions_conditional(db: Database)
     assert prober.upstreams["cand"].upstream_model == "engine-name"
     await state.sync_once()
     assert state.upstreams["cand"].max_context_tokens == 2048  # other replicas see it too
+
+
+def retired(dep: str, model: str = "m", reason: str = "retired: x promoted") -> DeploymentRetired:
+    return DeploymentRetired(
+        run_id=f"run-{dep}",
+        producer="inference",
+        deployment_id=dep,
+        model_id=f"model-{dep}",
+        served_model_name=model,
+        reason=reason,
+    )
+
+
+async def _states(db: Database) -> dict[str, tuple[str, bool]]:
+    async with db.session() as session:
+        rows = (await session.exec(select(GatewayDeployment))).all()
+    return {r.deployment_id: (r.state, r.retired_at is not None) for r in rows}
+
+
+async def test_retirement_drops_unrouted_rolls_back_canaries_and_keeps_a_marked_stable(
+    db: Database,
+):
+    from services.gateway.control import STABLE_RETIRED
+    from services.gateway.handlers import on_deployment_retired
+
+    state = GatewayState(GatewaySettings(), db, DbOutbox(db), admin_key=None)
+    for ev in (deployed("base", "baseline"), deployed("a"), deployed("b"), deployed("c")):
+        await on_model_deployed(ev, state=state, probe=no_probe)
+    await on_evaluation_completed(evaluated(deployed("a"), True), state=state)
+    async with state.changing() as session:  # a promoted: base is kept as previous
+        await route_state.promote(session, "a", expected_step=0, reason="ok", metrics={})
+    await on_evaluation_completed(evaluated(deployed("b"), True), state=state)
+    before = len(await outbox_actions(db))
+    assert (await _states(db))["base"] == ("previous", False)
+
+    # The previous stable's engine is gone: it is no longer a rollback target; no traffic
+    # moved, so no event. A redelivery changes nothing.
+    gone = retired("base")
+    for _ in range(2):
+        await on_deployment_retired(gone, state=state)
+    assert (await _states(db))["base"] == ("retired", True)
+    assert len(await outbox_actions(db)) == before
+    for op in (
+        lambda s: route_state.promote(s, "base", expected_step=None, reason="admin", metrics={}),
+        lambda s: route_state.set_weight(s, "base", weight=0.5, reason="admin"),
+        lambda s: route_state.pin(s, "m", "base", reason="admin"),
+    ):
+        with pytest.raises(route_state.Conflict, match="retired by inference"):
+            async with db.session() as session:
+                await op(session)
+
+    # The active canary: 0% at once, with a rolled_back event that says why.
+    assert state.routes["m"].canary is not None
+    await on_deployment_retired(retired("b", reason="evicted: engine budget full"), state=state)
+    assert (await _states(db))["b"] == ("retired", True)
+    assert state.routes["m"].canary is None and "b" not in state.upstreams
+    payloads = await outbox_actions(db)
+    assert len(payloads) == before + 1
+    assert '"rolled_back"' in payloads[-1] and '"deployment_id":"b"' in payloads[-1]
+    assert "engine retired by inference: evicted" in payloads[-1]
+
+    # A pending deployment retired before its evaluation never becomes a canary.
+    await on_deployment_retired(retired("c"), state=state)
+    await on_evaluation_completed(evaluated(deployed("c"), True), state=state)
+    assert (await _states(db))["c"] == ("retired", True)
+
+    # The stable: kept (dropping it would leave the model with no route), marked and alerted.
+    await on_deployment_retired(retired("a", reason="gone: restart failed"), state=state)
+    assert (await _states(db))["a"] == ("stable", True)
+    assert state.routes["m"].stable is not None and state.routes["m"].stable.deployment_id == "a"
+    assert STABLE_RETIRED.labels("m")._value.get() == 1
+    assert len(await outbox_actions(db)) == before + 1
+    # Replaced later, it is retired, not kept as a previous stable.
+    await on_model_deployed(deployed("d"), state=state, probe=no_probe)
+    await on_evaluation_completed(evaluated(deployed("d"), True), state=state)
+    async with state.changing() as session:
+        await route_state.promote(session, "d", expected_step=0, reason="ok", metrics={})
+    assert (await _states(db))["a"] == ("retired", True)
+    assert STABLE_RETIRED.labels("m")._value.get() == 0
+
+    # A pinned previous whose engine goes: unpinned with a rolled_back event.
+    await on_model_deployed(deployed("e"), state=state, probe=no_probe)
+    await on_evaluation_completed(evaluated(deployed("e"), True), state=state)
+    async with state.changing() as session:
+        await route_state.promote(session, "e", expected_step=0, reason="ok", metrics={})
+    async with state.changing() as session:
+        await route_state.pin(session, "m", "d", reason="admin")
+    assert state.routes["m"].pinned is not None
+    await on_deployment_retired(retired("d"), state=state)
+    assert state.routes["m"].pinned is None and (await _states(db))["d"] == ("retired", True)
+    assert '"rolled_back"' in (await outbox_actions(db))[-1]
+
+    # Retired before it was ever registered (events on two subjects can arrive in any order):
+    # recorded as retired, so the late ModelDeployed cannot route to an engine that is gone.
+    await on_deployment_retired(retired("early"), state=state)
+    await on_model_deployed(deployed("early"), state=state, probe=no_probe)
+    await on_evaluation_completed(evaluated(deployed("early"), True), state=state)
+    assert (await _states(db))["early"] == ("retired", True)
+
+    # Hostile: a retirement naming another model's deployment is refused (dead letter).
+    with pytest.raises(PermanentError):
+        await on_deployment_retired(retired("e", model="other"), state=state)
+    assert (await _states(db))["e"] == ("stable", False)
