@@ -397,27 +397,31 @@ async def run_demo(
     say(f"{stamp()} waiting for the base model to be served (vLLM start-up)...")
     key = await create_client_key(gateway_url, admin_key)
     await wait_for_stable(gateway_url, key, embedded, say=say, timeout_s=600)
-    if start is None:
-        say(f"{stamp()} base model is serving; uploading {corpus.name}")
-        upload = await upload_corpus(ingest_url, corpus, "demo")
-        run_id = str(upload["run_id"])
-        say(f"{stamp()} run {run_id}: {upload.get('records', {})}")
-    else:
-        say(f"{stamp()} base model is serving; starting the run")
-        run_id = await start(corpus)
-        say(f"{stamp()} run {run_id}")
+    stop = asyncio.Event()
+    notes: list[str] = []
+    supervisor = asyncio.create_task(
+        supervise(embedded, stop, notes, say) if embedded is not None else stop.wait()
+    )
+    try:
+        if start is None:
+            say(f"{stamp()} base model is serving; uploading {corpus.name}")
+            upload = await upload_corpus(ingest_url, corpus, "demo")
+            run_id = str(upload["run_id"])
+            say(f"{stamp()} run {run_id}: {upload.get('records', {})}")
+        else:
+            say(f"{stamp()} base model is serving; starting the run")
+            run_id = await start(corpus)
+            say(f"{stamp()} run {run_id}")
+    except BaseException:
+        stop.set()
+        await supervisor
+        raise
     run_started = time.monotonic()
-    result = DemoResult(run_id=run_id)
+    result = DemoResult(run_id=run_id, supervisor_notes=notes)
     result.client_key = key
     result.gateway_url = gateway_url
-    stop = asyncio.Event()
     traffic = asyncio.create_task(
         send_traffic(gateway_url, key, prompts, result, stop, system_prompt=demotask.SYSTEM_PROMPT)
-    )
-    supervisor = asyncio.create_task(
-        supervise(embedded, stop, result.supervisor_notes, say)
-        if embedded is not None
-        else stop.wait()
     )
     pending: set[asyncio.Task[None]] = set()
 
