@@ -15,7 +15,12 @@ import pytest_asyncio
 from services.gateway.app import GatewayService
 from services.gateway.settings import GatewaySettings
 from shared.bus import BusSettings, EventBus
-from shared.events import EvaluationCompleted, LatencyPercentiles, ModelDeployed
+from shared.events import (
+    DeploymentRetired,
+    EvaluationCompleted,
+    LatencyPercentiles,
+    ModelDeployed,
+)
 from shared.settings import CommonSettings
 from tests.integration.gateway.fake_upstream import FakeUpstream
 
@@ -88,6 +93,18 @@ class Pipeline:
             overall_score=0.9 if passed else 0.1,
             latency=LatencyPercentiles(p50_ms=10, p95_ms=20, p99_ms=30),
             reasons=[] if passed else ["score below baseline"],
+        )
+        await self.bus.publish(event)
+        return event
+
+    async def retired(self, deployment_id: str, reason: str = "evicted") -> DeploymentRetired:
+        event = DeploymentRetired(
+            run_id=f"run-{deployment_id}",
+            producer="inference",
+            deployment_id=deployment_id,
+            model_id=f"model-{deployment_id}",
+            served_model_name=MODEL,
+            reason=reason,
         )
         await self.bus.publish(event)
         return event
