@@ -67,6 +67,7 @@ class GatewayService:
         self.runtime.bus.subscribe(DeploymentRetired, self._on_retired)
         self.dev_key: str | None = None
         self.port: int | None = None
+        self._stopped = False
 
     async def _on_deployed(self, event: ModelDeployed, delivery: Delivery) -> None:
         await on_model_deployed(event, state=self.state, probe=self.probe)
@@ -91,6 +92,12 @@ class GatewayService:
                 print(f"gateway dev mode: client API key {self.dev_key}", flush=True)
 
     async def stop(self) -> None:
+        """Refuse new model requests, let those in flight finish (``SHUTDOWN_GRACE_S``), then
+        drain capture: every request that completed is recorded. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.asgi.drain(self.settings.shutdown_grace_s)
         await self.dashboard.events.close()
         await self.state.stop()
         await self.runtime.stop()
@@ -112,8 +119,9 @@ class GatewayService:
             http=_http_impl(),
             timeout_keep_alive=75,
             backlog=4096,
-            # On SIGTERM, in-flight answers (long streams too) get this long to finish.
-            timeout_graceful_shutdown=30,
+            # On SIGTERM, in-flight answers (long streams too) get this long to finish; stop()
+            # gives them the same again when uvicorn did not wait (a second signal).
+            timeout_graceful_shutdown=max(1, round(self.settings.shutdown_grace_s)),
         )
         server = uvicorn.Server(config)
         task = asyncio.create_task(server.serve())

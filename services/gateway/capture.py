@@ -32,6 +32,7 @@ CAPTURED = Counter("gateway_capture_written_total", "Interactions written to the
 DROPPED = Counter("gateway_capture_dropped_total", "Interactions dropped", ["reason"])
 DROPPED_FULL = DROPPED.labels("queue_full")
 DROPPED_DB = DROPPED.labels("db_error")
+DROPPED_LATE = DROPPED.labels("after_stop")
 
 
 @dataclass(slots=True)
@@ -175,11 +176,20 @@ class CaptureSink:
         self.queue: asyncio.Queue[CaptureRecord] = asyncio.Queue(maxsize=queue_size)
         self._task: asyncio.Task[None] | None = None
         self._inflight: list[CaptureRecord] = []
+        self._writing: asyncio.Future[None] | None = None
+        self.stopped = False
         self.written = 0
         self.dropped = 0
 
     def offer(self, record: CaptureRecord) -> None:
         """Never blocks: a full queue drops the record (and counts it)."""
+        if self.stopped:
+            # The service drains requests before it stops capture, so nothing completes after
+            # this; counted (and logged) should it ever happen.
+            self.dropped += 1
+            DROPPED_LATE.inc()
+            log.warning("capture: a record offered after capture stopped was dropped")
+            return
         try:
             self.queue.put_nowait(record)
         except asyncio.QueueFull:
@@ -187,16 +197,23 @@ class CaptureSink:
             DROPPED_FULL.inc()
 
     def start(self) -> None:
+        self.stopped = False
         self._task = asyncio.create_task(self._run(), name="gateway-capture")
 
     async def stop(self) -> None:
-        """Write what is queued (bounded by the queue), then stop."""
+        """Write what is queued (bounded by the queue), then stop. A batch being written is
+        finished, never cut off mid-transaction (it would be written and charged twice)."""
         if self._task is None:
             return
+        self.stopped = True
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
+        if self._writing is not None:
+            await self._writing  # the batch in flight completes (its errors are logged)
+            self._writing = None
+            self._inflight = []
         rest, self._inflight = self._inflight, []  # taken from the queue, not yet written
         while not self.queue.empty():
             rest.append(self.queue.get_nowait())
@@ -223,11 +240,17 @@ class CaptureSink:
                 await asyncio.sleep(self.flush_s)  # let a batch gather (the queue is bounded)
             while len(batch) < self.batch_size and not queue.empty():
                 batch.append(queue.get_nowait())
-            try:
-                await self._write(batch)
-            except Exception:
-                log.exception("capture batch of %d failed", len(batch))
+            # Shielded: stop() cancels this loop but lets the batch finish.
+            self._writing = asyncio.ensure_future(self._write_logged(batch))
+            await asyncio.shield(self._writing)
+            self._writing = None
             self._inflight = []
+
+    async def _write_logged(self, batch: list[CaptureRecord]) -> None:
+        try:
+            await self._write(batch)
+        except Exception:
+            log.exception("capture batch of %d failed", len(batch))
 
     def _row(self, rec: CaptureRecord, parsed: Parsed) -> dict[str, Any]:
         cut = self.max_text_chars

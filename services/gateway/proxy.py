@@ -12,6 +12,7 @@ the upstream request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -86,6 +87,12 @@ class ProxyApp:
         )
         self._counters: dict[tuple[str, int], Any] = {}
         self._histograms: dict[str, Any] = {}
+        # Shutdown: once closing, model requests are refused; those in flight are tracked so
+        # the service can let them finish (and be captured) before it stops capture.
+        self.closing = False
+        self._active: set[asyncio.Task[Any]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -152,7 +159,13 @@ class ProxyApp:
         child.observe(seconds)
 
     async def _send_error(
-        self, send: Send, err: RequestError, trace: bytes, deployment: bytes = NO_DEPLOYMENT
+        self,
+        send: Send,
+        err: RequestError,
+        trace: bytes,
+        deployment: bytes = NO_DEPLOYMENT,
+        *,
+        close: bool = False,
     ) -> None:
         body = error_body(err.message, err.kind, err.code)
         headers = [
@@ -161,6 +174,8 @@ class ProxyApp:
             (H_DEPLOYMENT, deployment),
             (H_TRACE, trace),
         ]
+        if close:  # shutting down: the client reconnects (to another replica)
+            headers.append((b"connection", b"close"))
         if err.retry_after is not None:
             headers.append((b"retry-after", str(err.retry_after).encode()))
         await send({"type": "http.response.start", "status": err.status, "headers": headers})
@@ -240,7 +255,47 @@ class ProxyApp:
 
     # ------------------------------------------------------------------ completions
 
+    async def drain(self, grace_s: float) -> int:
+        """Refuse new model requests (503), give those in flight up to ``grace_s`` to finish,
+        then cancel the rest. Returns how many were cancelled."""
+        self.closing = True
+        if self._active:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), grace_s)
+        late = list(self._active)
+        for task in late:
+            task.cancel()
+        if late:
+            log.warning(
+                "shutdown: %d request(s) still running after %.0f s cancelled", len(late), grace_s
+            )
+            await asyncio.gather(*late, return_exceptions=True)
+        return len(late)
+
     async def _completion(self, endpoint: str, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.closing:
+            err = RequestError(
+                503,
+                "the gateway is shutting down; retry",
+                kind="service_unavailable",
+                retry_after=self.settings.retry_after_s,
+            )
+            await self._send_error(send, err, trace_id_of(scope["headers"]).encode(), close=True)
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._active.add(task)
+        self._idle.clear()
+        try:
+            await self._completion_traced(endpoint, scope, receive, send)
+        finally:
+            self._active.discard(task)
+            if not self._active:
+                self._idle.set()
+
+    async def _completion_traced(
+        self, endpoint: str, scope: Scope, receive: Receive, send: Send
+    ) -> None:
         ratio = self.settings.trace_sample_ratio
         if ratio <= 0 or random.random() >= ratio:
             await self._completion_inner(endpoint, scope, receive, send)

@@ -70,6 +70,10 @@ class GatewaySettings(BaseSettings):
     dev_client_key: bool = True
     # Share of model requests recorded as OpenTelemetry spans (trace ids are always propagated).
     trace_sample_ratio: float = Field(default=0.01, ge=0, le=1)
+    # On shutdown, requests in flight (long streams too) get this long to finish before they
+    # are cancelled; capture is drained after them. Keep it under the orchestrator's grace
+    # period (k8s terminationGracePeriodSeconds).
+    shutdown_grace_s: float = Field(default=30.0, gt=0, le=3600)
 
     @field_validator("canary_steps", mode="before")
     @classmethod

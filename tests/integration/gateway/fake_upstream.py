@@ -31,6 +31,9 @@ class FakeUpstream:
         self.hang = False
         self.drop_connection = False
         self.break_mid_stream = False
+        # Set: a stream pauses after its first chunk until the test sets this event.
+        self.gate: asyncio.Event | None = None
+        self.first_chunk_sent = asyncio.Event()
         self.calls = 0
         self.cancelled = 0
         self.bodies: list[dict[str, Any]] = []
@@ -118,6 +121,10 @@ class FakeUpstream:
                 "choices": [choice],
             }
             await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+            if i == 0:
+                self.first_chunk_sent.set()
+                if self.gate is not None:
+                    await self.gate.wait()
             if self.break_mid_stream and i == 1:
                 assert request.transport is not None
                 request.transport.close()

@@ -184,3 +184,74 @@ async def test_capture_sink_keeps_inflight_records_at_shutdown_and_drops_when_fu
     async with sqlite_db.session() as session:
         ids = sorted(r.id for r in (await session.exec(select(Interaction))).all())
     assert ids == [f"r{i}" for i in range(5)]
+
+
+async def test_a_stream_that_ends_during_shutdown_is_captured(
+    gateways, upstreams, pipeline, database_url
+):
+    """The race: a streamed answer that completes after shutdown began used to be queued
+    after capture was drained, and lost. Here the upstream holds the stream open (a gate)
+    until shutdown has begun, so the order is forced, not timed."""
+    up = await upstreams("base")
+    up.gate = asyncio.Event()
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "a slow answer"}],
+        "stream": True,
+    }
+    async with gateways(database_url, shutdown_grace_s=120.0) as gw:
+        await pipeline.deployed("base-1", up, "baseline")
+        await eventually(lambda: MODEL in gw.state.routes, what="route")
+        auth = {"Authorization": f"Bearer {await new_key(gw)}"}
+        async with (
+            httpx.AsyncClient(base_url=base_url(gw) + "/v1", timeout=60) as http,
+            http.stream("POST", "/chat/completions", headers=auth, json=body) as resp,
+        ):
+            chunks = resp.aiter_raw()
+            received = [await anext(chunks)]  # the stream is under way
+            stopping = asyncio.create_task(gw.stop())
+            await eventually(lambda: gw.asgi.closing, what="shutdown began")
+            # A new request is refused at once, without reaching an upstream.
+            calls = up.calls
+            async with httpx.AsyncClient(base_url=base_url(gw) + "/v1", timeout=10) as other:
+                late = await other.post(
+                    "/chat/completions", headers=auth, json={**body, "stream": False}
+                )
+            assert late.status_code == 503 and late.headers["retry-after"]
+            assert "shutting down" in late.json()["error"]["message"]
+            assert up.calls == calls
+            assert not stopping.done()  # it waits for the stream in flight
+            up.gate.set()  # the stream ends now, after shutdown began
+            received += [c async for c in chunks]
+        await stopping
+        assert gw.state.capture.dropped == 0
+    text = b"".join(received)
+    assert text.count(b"data: ") >= 4 and text.rstrip().endswith(b"[DONE]")
+    rows = await _rows(database_url)
+    assert [r.response_text for r in rows] == ["base: a slow answer"]
+    assert rows[0].status_code == 200
+
+
+async def test_a_stream_past_the_shutdown_grace_is_cut_and_shutdown_completes(
+    gateways, upstreams, pipeline, tmp_path
+):
+    up = await upstreams("base")
+    up.gate = asyncio.Event()  # never set: the upstream would stream forever
+    url = f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}"
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": True}
+    async with gateways(url, shutdown_grace_s=0.5) as gw:
+        await pipeline.deployed("base-1", up, "baseline")
+        await eventually(lambda: MODEL in gw.state.routes, what="route")
+        auth = {"Authorization": f"Bearer {await new_key(gw)}"}
+        async with (
+            httpx.AsyncClient(base_url=base_url(gw) + "/v1", timeout=60) as http,
+            http.stream("POST", "/chat/completions", headers=auth, json=body) as resp,
+        ):
+            chunks = resp.aiter_raw()
+            await anext(chunks)
+            await gw.stop()  # returns: the stream was cancelled after the grace period
+            with pytest.raises(httpx.HTTPError):
+                async for _ in chunks:
+                    pass
+        await eventually(lambda: up.cancelled == 1, what="upstream request cancelled")
+    assert await _rows(url) == []  # it never completed: nothing to capture

@@ -144,3 +144,77 @@ def test_settings_validation(monkeypatch):
         monkeypatch.setenv("GATEWAY_CANARY_STEPS", bad)
         with pytest.raises(ValidationError):
             GatewaySettings()
+
+
+async def test_capture_stop_finishes_the_batch_being_written_once():
+    """stop() used to cancel the writer mid-write and write the batch again (charging its
+    tokens twice, or losing it when the cut transaction held the database); now the batch in
+    flight completes, what is queued follows, and a record offered later is counted."""
+    import asyncio
+    import contextlib
+
+    from services.gateway.capture import CaptureRecord, CaptureSink
+
+    release = asyncio.Event()
+    writing = asyncio.Event()
+    inserted: list[list[dict[str, object]]] = []
+
+    class Session:
+        async def exec(self, statement: object, params: list[dict[str, object]]) -> None:
+            writing.set()
+            await release.wait()
+            inserted.append(params)
+
+    class Db:
+        @contextlib.asynccontextmanager
+        async def session(self):  # type: ignore[no-untyped-def]
+            yield Session()
+
+    charged: list[int] = []
+    sink = CaptureSink(
+        Db(),  # type: ignore[arg-type]
+        enabled=True,
+        queue_size=10,
+        batch_size=2,
+        flush_s=0.01,
+        max_text_chars=1000,
+        charge_tokens=lambda key, tpm, used: charged.append(used),
+    )
+
+    def record(i: int) -> CaptureRecord:
+        body = orjson.dumps(
+            {
+                "id": f"r{i}",
+                "choices": [{"message": {"content": "a"}}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 2},
+            }
+        )
+        return CaptureRecord(
+            endpoint="chat",
+            request={"messages": [{"role": "user", "content": "q"}]},
+            body=body,
+            stream=False,
+            served_model_name="m",
+            deployment_id="d",
+            model_id=None,
+            key_id="k",
+            key_tpm=None,
+            user_hash=None,
+            status_code=200,
+            latency_ms=1.0,
+            trace_id=None,
+        )
+
+    sink.start()
+    sink.offer(record(0))
+    sink.offer(record(1))
+    await writing.wait()  # the first batch is inside its transaction
+    sink.offer(record(2))
+    stopping = asyncio.create_task(sink.stop())
+    await asyncio.sleep(0)
+    release.set()
+    await stopping
+    assert [[row["id"] for row in batch] for batch in inserted] == [["r0", "r1"], ["r2"]]
+    assert charged == [3, 3, 3] and sink.written == 3 and sink.dropped == 0
+    sink.offer(record(3))  # after stop: counted, never silently lost
+    assert sink.dropped == 1
