@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -87,6 +87,13 @@ async def consumer_done_through(bus: BusSettings, durable: str, seq: int) -> boo
         return bool(info.ack_floor and info.ack_floor.stream_seq >= seq)
     finally:
         await nc.close()
+
+
+async def at_least(items: Awaitable[list[Any]], n: int) -> list[Any] | None:
+    """For ``eventually``: the list once it has ``n`` items (events reach the stream through
+    the outbox relay, after the message that caused them was acked)."""
+    got = await items
+    return got if len(got) >= n else None
 
 
 def metadata_of(adapter_dir: Path) -> dict[str, Any]:

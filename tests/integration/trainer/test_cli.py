@@ -91,3 +91,47 @@ def test_refusals(dataset_dir: Path, tmp_path: Path) -> None:
     assert bad.exit_code == 2
     assert "'messages' must be" in " ".join(bad.output.split())
     assert invoke("train-cancel", "'; DROP TABLE trainer_jobs; --").exit_code == 2
+
+
+def test_spec_option_resolves_like_the_service(dataset_dir: Path, tmp_path: Path) -> None:
+    from services.trainer.handlers import make_plan
+    from services.trainer.settings import TrainerSettings
+    from shared.events import TrainingSpec
+
+    spec = {"method": "lora", "overrides": {"r": 4, "max_steps_per_phase": 3}}
+    common = ("train", str(dataset_dir), "--profile", "cpu-tiny", "--base-model", "tiny")
+    result = invoke(*common, "--set", "r=8", "--spec", json.dumps(spec), "--dry-run")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert plan["training_spec"]["method"] == "lora"
+    # The spec wins over --set, as a DatasetReady's spec wins over TRAINER_OVERRIDES.
+    assert (plan["config"]["r"], plan["config"]["method"]) == (4, "lora")
+    expected = make_plan(
+        plan["dataset_id"],
+        TrainerSettings(profile="cpu-tiny", base_model="tiny", overrides={"r": 8}),
+        spec=TrainingSpec(**spec),  # type: ignore[arg-type]
+    )
+    assert plan["adapter_id"] == expected.adapter_id
+    # The same spec from a file.
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    from_file = invoke(*common, "--set", "r=8", "--spec", str(path), "--dry-run")
+    assert json.loads(from_file.stdout)["adapter_id"] == plan["adapter_id"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ('{"base_model": "/etc"}', "is not allowed on this trainer"),
+        ('{"base_model": "org/model"}', "is not allowed on this trainer"),
+        ('{"overrides": {"batch_size": 1000}}', "batch_size=1000 is over the limit 256"),
+        ('{"overrides": {"lr": 0.1}}', "unknown training setting"),
+        ('{"method": "sgd"}', "not a valid TrainingSpec"),
+        ('{"overrides": ', "not a valid TrainingSpec"),
+        ("/no/such/spec.json", "not JSON text nor a JSON file"),
+    ],
+)
+def test_spec_option_refusals(dataset_dir: Path, spec: str, message: str) -> None:
+    result = invoke("train", str(dataset_dir), "--profile", "cpu-tiny", "--spec", spec, "--dry-run")
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())

@@ -19,6 +19,7 @@ from tests.integration.streams import eventually
 from tests.integration.trainer.dataset import json_task, jsonl, publishable_dataset
 from tests.integration.trainer.service import (
     TEST_TRAINING,
+    at_least,
     consumer_done_through,
     dead_letters,
     events_of,
@@ -177,12 +178,12 @@ async def test_malformed_and_hostile_datasets_fail_permanently(
             producer.ns.subject(DatasetReady.subject), b'{"dataset_id": 1}', msg_id="garbage"
         )
         failed = await eventually(
-            lambda: _at_least(events_of(bus_settings, TrainingFailed), len(cases)),
+            lambda: at_least(events_of(bus_settings, TrainingFailed), len(cases)),
             timeout_s=60,
             what="a TrainingFailed per bad dataset",
         )
         letters = await eventually(
-            lambda: _at_least(dead_letters(bus_settings), len(cases) + 1),
+            lambda: at_least(dead_letters(bus_settings), len(cases) + 1),
             timeout_s=30,
             what="dead letters",
         )
@@ -197,11 +198,6 @@ async def test_malformed_and_hostile_datasets_fail_permanently(
     assert all(not f.retryable for f in failed)
     assert len(letters) == len(cases) + 1
     assert await events_of(bus_settings, TrainingDone) == []
-
-
-async def _at_least(items, n: int):  # type: ignore[no-untyped-def]
-    got = await items
-    return got if len(got) >= n else None
 
 
 @pytest.mark.slow
