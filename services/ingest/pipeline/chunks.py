@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import xxhash
 
 from services.ingest.pipeline import dedupe, validate
 from services.ingest.pipeline.formats import (
@@ -42,6 +43,7 @@ class Rules:
     num_perm: int = 128
     bands: int = 9
     rows: int = 14
+    split_seed: int = 42
 
 
 @dataclass(frozen=True)
@@ -60,8 +62,12 @@ class ChunkResult:
 
     positions: list[int] = field(default_factory=list)
     record_ids: list[str] = field(default_factory=list)
-    lines: list[bytes] = field(default_factory=list)  # output JSON lines, newline included
+    # The output JSON lines (newline included), one after the other, and their lengths.
+    lines: bytes = b""
+    line_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint32))
     exact_keys: bytes = b""  # 8 bytes per kept record: the first 64 bits of its exact key
+    # 8 bytes per record: xxh3-64 of its id seeded with the split seed (its split order).
+    split_order: bytes = b""
     categories: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     input_chars: list[int] = field(default_factory=list)
@@ -84,17 +90,44 @@ class Rejected(Exception):
         self.reason = reason
 
 
+_ROLE_ORDER: dict[tuple[int, bool], list[str]] = {}
+
+
+def _role_order(n: int, system: bool) -> list[str]:
+    """The valid role sequence of ``n`` messages (with a leading system turn or not)."""
+    order = _ROLE_ORDER.get((n, system))
+    if order is None:
+        order = ["system"] if system else []
+        order += [("user", "assistant")[i % 2] for i in range(n - system)]
+        _ROLE_ORDER[(n, system)] = order
+    return order
+
+
+def _lengths(messages: list[dict[str, str]]) -> tuple[int, int]:
+    """(prompt chars, answer chars); raises :class:`Rejected` on an empty turn."""
+    input_chars = output_chars = 0
+    for m in messages:
+        content = m["content"]
+        if not content or content.isspace():  # == not content.strip(), without a copy
+            raise Rejected("empty_turn", validate.empty_turn_error(messages) or "empty turn")
+        if m["role"] == "assistant":
+            output_chars += len(content)
+        else:
+            input_chars += len(content)
+    return input_chars, output_chars
+
+
 def _check(messages: list[dict[str, str]], rules: Rules) -> tuple[int, int]:
-    if len(messages) > rules.max_turns:
-        raise Rejected("too_many_turns", f"{len(messages)} messages (> {rules.max_turns})")
-    problem = validate.role_order_error(messages)
-    if problem:
-        raise Rejected("role_order", problem)
-    problem = validate.empty_turn_error(messages)
-    if problem:
-        raise Rejected("empty_turn", problem)
-    input_chars = sum(len(m["content"]) for m in messages if m["role"] != "assistant")
-    output_chars = sum(len(m["content"]) for m in messages if m["role"] == "assistant")
+    n = len(messages)
+    if n > rules.max_turns:
+        raise Rejected("too_many_turns", f"{n} messages (> {rules.max_turns})")
+    # One comparison with the valid sequence; the precise reason only for a bad one.
+    roles = [m["role"] for m in messages]
+    if n < 2 or roles != _role_order(n, roles[0] == "system"):
+        problem = validate.role_order_error(messages)
+        if problem:
+            raise Rejected("role_order", problem)
+    input_chars, output_chars = _lengths(messages)
     if input_chars < rules.min_input_chars:
         raise Rejected(
             "input_too_short", f"prompt has {input_chars} chars (< {rules.min_input_chars})"
@@ -155,8 +188,7 @@ def process_chunk(job: ChunkJob) -> ChunkResult:
             except RecordError as exc:
                 raise Rejected("format", str(exc)) from exc
             if job.trusted:
-                input_chars = sum(len(m["content"]) for m in messages if m["role"] != "assistant")
-                output_chars = sum(len(m["content"]) for m in messages if m["role"] == "assistant")
+                input_chars, output_chars = _lengths(messages)
             else:
                 input_chars, output_chars = _check(messages, rules)
         except Rejected as rej:
@@ -178,27 +210,36 @@ def process_chunk(job: ChunkJob) -> ChunkResult:
 
     texts: list[bytes] = []
     keys: list[bytes] = []
+    lines: list[bytes] = []
+    order: list[bytes] = []
+    default_category = job.domain or "general"
+    dumps, newline = orjson.dumps, orjson.OPT_APPEND_NEWLINE
+    order_hash, seed = xxhash.xxh3_64_digest, rules.split_seed % 2**64
     for position, record, messages, input_chars, output_chars in valid:
-        category = label(record, "category", "domain") or job.domain or "general"
+        category = label(record, "category", "domain") or default_category
         source = label(record, "source") or job.source
         lowered = dedupe.conversation_text(messages)
         key = dedupe.exact_key(lowered)
         record_id = (label(record, "id") if job.trusted else None) or f"r{key.hex()[:24]}"
-        result.lines.append(
-            orjson.dumps(
+        lines.append(
+            dumps(
                 {"id": record_id, "messages": messages, "category": category, "source": source},
-                option=orjson.OPT_APPEND_NEWLINE,
+                option=newline,
             )
         )
         result.positions.append(position)
         result.record_ids.append(record_id)
         keys.append(key[:8])
+        order.append(order_hash(record_id.encode(), seed=seed))
         result.categories.append(category)
         result.sources.append(source)
         result.input_chars.append(input_chars)
         result.output_chars.append(output_chars)
         texts.append(lowered)
     result.exact_keys = b"".join(keys)
+    result.split_order = b"".join(order)
+    result.lines = b"".join(lines)
+    result.line_bytes = np.fromiter(map(len, lines), dtype=np.uint32, count=len(lines))
     if rules.near_dedupe and texts:
         sigs = dedupe.signatures(texts, num_perm=rules.num_perm)
         result.band_keys = dedupe.band_keys(sigs, rules.bands, rules.rows)

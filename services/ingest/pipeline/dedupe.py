@@ -258,37 +258,75 @@ def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return out
 
 
-class SortedRuns:
-    """A uint64 → int64 map held as a few sorted numpy runs: ~16 bytes an entry where a dict
-    of Python ints costs ~150, with lookups and inserts done a chunk at a time. Runs merge
-    like a binary counter, so there are O(log n) of them. A key keeps its first value: the
-    caller adds only keys that :meth:`lookup` did not find, each once."""
+class KeyIndex:
+    """A uint64 → int64 map as an open-addressing hash table in two numpy arrays (linear
+    probing, at most half full): ~32 bytes an entry where a dict of Python ints costs ~150,
+    with lookups and inserts done a chunk at a time, each a few vectorised probe rounds
+    (sorted runs needed a binary search per run, cache miss after cache miss). A key keeps
+    its first value: the caller adds only keys that :meth:`lookup` did not find, each once."""
 
-    def __init__(self) -> None:
-        self._runs: list[tuple[np.ndarray, np.ndarray]] = []
+    _FIB = np.uint64(0x9E3779B97F4A7C15)
+
+    def __init__(self, capacity: int = 1 << 12) -> None:
+        self._alloc(max(16, 1 << (capacity - 1).bit_length()))
         self.size = 0
+
+    def _alloc(self, slots: int) -> None:
+        self._keys = np.zeros(slots, dtype=np.uint64)
+        self._values = np.full(slots, -1, dtype=np.int64)  # -1 = empty slot
+        self._mask = slots - 1
+        self._shift = np.uint64(64 - (slots.bit_length() - 1))
+
+    def _home(self, keys: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):
+            home: np.ndarray = ((keys * self._FIB) >> self._shift).astype(np.int64)
+        return home
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         """The value of each key, -1 where absent."""
         out = np.full(len(keys), -1, dtype=np.int64)
-        for run_keys, run_values in self._runs:
-            idx = np.minimum(np.searchsorted(run_keys, keys), len(run_keys) - 1)
-            hit = run_keys[idx] == keys
-            out[hit] = run_values[idx[hit]]
+        if not self.size or not len(keys):
+            return out
+        keys = np.asarray(keys, dtype=np.uint64)
+        pending = np.arange(len(keys))
+        slots = self._home(keys)
+        while len(pending):
+            values = self._values[slots]
+            used = values >= 0
+            hit = used & (self._keys[slots] == keys[pending])
+            out[pending[hit]] = values[hit]
+            go_on = used & ~hit
+            pending, slots = pending[go_on], (slots[go_on] + 1) & self._mask
         return out
 
     def add(self, keys: np.ndarray, values: np.ndarray) -> None:
         if not len(keys):
             return
-        order = np.argsort(keys, kind="stable")
-        self._runs.append((keys[order], values[order].astype(np.int64)))
+        if 2 * (self.size + len(keys)) > len(self._keys):
+            self._grow(self.size + len(keys))
+        self._insert(np.asarray(keys, dtype=np.uint64), np.asarray(values, dtype=np.int64))
         self.size += len(keys)
-        while len(self._runs) > 1 and len(self._runs[-1][0]) >= len(self._runs[-2][0]):
-            newer, older = self._runs.pop(), self._runs.pop()
-            merged_keys = np.concatenate([older[0], newer[0]])
-            order = np.argsort(merged_keys, kind="stable")
-            merged_values = np.concatenate([older[1], newer[1]])
-            self._runs.append((merged_keys[order], merged_values[order]))
+
+    def _insert(self, keys: np.ndarray, values: np.ndarray) -> None:
+        pending = np.arange(len(keys))
+        slots = self._home(keys)
+        while len(pending):
+            free = self._values[slots] < 0
+            want, who = slots[free], pending[free]
+            # Several keys may want the same free slot: one write lands (keys are distinct),
+            # and the key that reads itself back took the slot.
+            self._keys[want] = keys[who]
+            won = self._keys[want] == keys[who]
+            self._values[want[won]] = values[who[won]]
+            stay = np.ones(len(pending), dtype=bool)
+            stay[np.flatnonzero(free)[won]] = False
+            pending, slots = pending[stay], (slots[stay] + 1) & self._mask
+
+    def _grow(self, needed: int) -> None:
+        used = self._values >= 0
+        keys, values = self._keys[used], self._values[used]
+        self._alloc(1 << (3 * needed - 1).bit_length())
+        self._insert(keys, values)
 
 
 class NearDuplicateIndex:
@@ -302,7 +340,7 @@ class NearDuplicateIndex:
         self.num_perm = num_perm
         self.bands, self.rows = lsh_params(threshold, num_perm)
         self._agree = math.ceil(threshold * num_perm - 1e-9)
-        self._first = SortedRuns()
+        self._first = KeyIndex()
         self._sigs = np.zeros((1024, num_perm), dtype=np.uint8)
 
     def keys(self, sigs: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import itertools
-import math
+import mmap
 import time
 import zlib
 from array import array
@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import orjson
-import xxhash
 
 from services.ingest.pipeline import curriculum, dedupe
 from services.ingest.pipeline.chunks import ChunkJob, ChunkResult, Rules, process_chunk
@@ -85,6 +84,10 @@ class _Meta:
     # Where the record came from, for reports: file index and line (or array position).
     file: array[int] = field(default_factory=lambda: array("H"))
     position: array[int] = field(default_factory=lambda: array("q"))
+    category_codes: array[int] = field(default_factory=lambda: array("I"))
+    # Per chunk: the kept records' output line lengths and split order hashes.
+    line_bytes: list[np.ndarray] = field(default_factory=list)
+    split_order: list[np.ndarray] = field(default_factory=list)
 
 
 def rules_for(config: ProcessingConfig) -> Rules:
@@ -101,6 +104,7 @@ def rules_for(config: ProcessingConfig) -> Rules:
         num_perm=config.num_perm,
         bands=bands,
         rows=rows,
+        split_seed=config.split_seed,
     )
 
 
@@ -156,9 +160,10 @@ class Pipeline:
         self.progress = progress
         self.meta = _Meta()
         # First 64 bits of each kept record's exact key → its row.
-        self.exact = dedupe.SortedRuns()
+        self.exact = dedupe.KeyIndex()
         self._files: list[str] = []
         self._interned: dict[str, str] = {}
+        self._category_code: dict[str, int] = {}
         self.near = dedupe.NearDuplicateIndex(
             threshold=config.near_threshold, num_perm=config.num_perm
         )
@@ -303,15 +308,18 @@ class Pipeline:
         rows = np.full(n, -1, dtype=np.int64)
         rows[kept] = base + np.arange(int(kept.sum()))
         take = kept.tolist()
-        meta, intern = self.meta, self._interned
-        lines = list(compress(result.lines, take))
+        meta, intern, cat_code = self.meta, self._interned, self._category_code
         meta.ids.extend(compress(result.record_ids, take))
-        meta.categories.extend(intern.setdefault(c, c) for c in compress(result.categories, take))
+        categories = [intern.setdefault(c, c) for c in compress(result.categories, take)]
+        meta.categories.extend(categories)
+        meta.category_codes.extend([cat_code.setdefault(c, len(cat_code)) for c in categories])
         meta.sources.extend(intern.setdefault(c, c) for c in compress(result.sources, take))
         meta.input_chars.extend(compress(result.input_chars, take))
         meta.output_chars.extend(compress(result.output_chars, take))
         meta.position.extend(compress(positions, take))
-        count = len(lines)
+        meta.line_bytes.append(result.line_bytes[kept])
+        meta.split_order.append(np.frombuffer(result.split_order, dtype=">u8")[kept])
+        count = len(categories)
         meta.fixed_split.extend(bytes([split_code]) * count)
         meta.file.extend([file_index] * count)
         self.exact.add(exact[kept], rows[kept])
@@ -324,12 +332,24 @@ class Pipeline:
                     np.fromiter(pending.keys(), dtype=np.uint64, count=len(pending)),
                     np.fromiter(pending.values(), dtype=np.int64, count=len(pending)),
                 )
-        self._spool.writelines(lines)
+        self._spool_kept(result, kept)
         stats["read"] += n + len(result.rejected)
         stats["kept"] += count
         self.timings["dedupe_and_spool"] += time.perf_counter() - started
         if self.progress:
             self.progress(n + len(result.rejected))
+
+    def _spool_kept(self, result: ChunkResult, kept: np.ndarray) -> None:
+        """Append the kept records' lines to the spool: runs of them, not line by line."""
+        if kept.all():
+            self._spool.write(result.lines)
+            return
+        ends = np.cumsum(result.line_bytes, dtype=np.int64)
+        starts = ends - result.line_bytes
+        edges = np.flatnonzero(np.diff(kept, prepend=False, append=False)).tolist()
+        view = memoryview(result.lines)
+        for a, b in zip(edges[0::2], edges[1::2], strict=True):
+            self._spool.write(view[int(starts[a]) : int(ends[b - 1])])
 
     def _process(self, sources: Iterable[SourceFile]) -> None:
         pending: deque[tuple[Future[ChunkResult], SourceFile, dict[str, Any]]] = deque()
@@ -365,31 +385,54 @@ class Pipeline:
 
     # ---------------------------------------------------------------- splitting
 
-    def _assign_splits(self) -> bytearray:
-        """1 = train, 2 = validation for every kept record."""
+    def _assign_splits(self) -> np.ndarray:
+        """1 = train, 2 = validation for every kept record: per category, new records in
+        the order of a seeded hash of their id (ties: arrival), the first
+        ``validation_fraction`` (rounded) to validation."""
         meta = self.meta
-        assignment = bytearray(meta.fixed_split)
-        by_category: dict[str, list[tuple[int, int]]] = defaultdict(list)
-        seed = self.config.split_seed % 2**64
-        for i, split in enumerate(meta.fixed_split):
-            if split == 0:
-                order = xxhash.xxh3_64_intdigest(meta.ids[i].encode(), seed=seed)
-                by_category[meta.categories[i]].append((order, i))
-        for members in by_category.values():
-            members.sort()
-            n_val = math.floor(len(members) * self.config.validation_fraction + 0.5)
-            for rank, (_, i) in enumerate(members):
-                assignment[i] = 2 if rank < n_val else 1
+        fixed = np.frombuffer(bytes(meta.fixed_split), dtype=np.uint8)
+        assignment = fixed.copy()
+        new = np.flatnonzero(fixed == 0)
+        if not len(new):
+            return assignment
+        order = np.concatenate(meta.split_order)[new]
+        codes = np.frombuffer(meta.category_codes, dtype=np.uint32)[new]
+        ranked = np.lexsort((order, codes))  # by category, then order; stable
+        by_code = codes[ranked]
+        group = np.flatnonzero(np.r_[True, by_code[1:] != by_code[:-1]])
+        sizes = np.diff(np.r_[group, len(ranked)])
+        n_val = np.floor(sizes * self.config.validation_fraction + 0.5).astype(np.int64)
+        rank = np.arange(len(ranked)) - np.repeat(group, sizes)
+        assignment[new[ranked]] = np.where(rank < np.repeat(n_val, sizes), 2, 1)
         return assignment
 
     # ---------------------------------------------------------------- the run
 
-    @staticmethod
-    def _flush(out: Any, digest: Any, lines: list[bytes]) -> None:
-        block = b"".join(lines)
-        out.write(block)
-        digest.update(block)
-        lines.clear()
+    def _write_splits(
+        self,
+        spool_path: Path,
+        assignment: np.ndarray,
+        outs: dict[int, Any],
+        digests: dict[int, Any],
+    ) -> None:
+        """Copy the spool into the split files, a run of same-split records at a time."""
+        if not len(assignment):
+            return
+        sizes = np.concatenate(self.meta.line_bytes).astype(np.int64)
+        offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        bounds = [0, *(np.flatnonzero(np.diff(assignment)) + 1).tolist(), len(assignment)]
+        with spool_path.open("rb") as spool, mmap.mmap(spool.fileno(), 0, prot=mmap.PROT_READ) as m:
+            view = memoryview(m)
+            try:
+                for a, b in itertools.pairwise(bounds):
+                    split = int(assignment[a])
+                    block = view[int(offsets[a]) : int(offsets[b])]
+                    outs[split].write(block)
+                    digests[split].update(block)
+                    block.release()
+            finally:
+                view.release()
 
     def run(
         self,
@@ -411,24 +454,10 @@ class Pipeline:
         train_path = workdir / "train.jsonl"
         validation_path = workdir / "validation.jsonl"
         digests = {1: hashlib.sha256(), 2: hashlib.sha256()}
-        train_idx: list[int] = []
-        with (
-            spool_path.open("rb") as spool_in,
-            train_path.open("wb") as train_out,
-            validation_path.open("wb") as val_out,
-        ):
-            outs = {1: train_out, 2: val_out}
-            pending: dict[int, list[bytes]] = {1: [], 2: []}
-            for i, line in enumerate(spool_in):
-                split = assignment[i]
-                pending[split].append(line)
-                if split == 1:
-                    train_idx.append(i)
-                if len(pending[split]) >= 4096:
-                    self._flush(outs[split], digests[split], pending[split])
-            for split, out in outs.items():
-                self._flush(out, digests[split], pending[split])
-            counts = {1: len(train_idx), 2: len(assignment) - len(train_idx)}
+        with train_path.open("wb") as train_out, validation_path.open("wb") as val_out:
+            self._write_splits(spool_path, assignment, {1: train_out, 2: val_out}, digests)
+        train_idx = np.flatnonzero(assignment == 1).tolist()
+        counts = {1: len(train_idx), 2: len(assignment) - len(train_idx)}
         spool_path.unlink()
         self.timings["split_and_write"] += time.perf_counter() - t0
 
@@ -461,7 +490,7 @@ class Pipeline:
             h.update(cfg.digest_input() + b"\0")
             h.update(digests[1].hexdigest().encode() + digests[2].hexdigest().encode())
             dataset_id = f"ds-{h.hexdigest()[:32]}"
-        report = self._report(assignment, manifests, dataset_id, counts)
+        report = self._report(bytearray(assignment.tobytes()), manifests, dataset_id, counts)
         report["seconds"] = {k: round(v, 4) for k, v in self.timings.items()}
         report["seconds"]["total"] = round(time.perf_counter() - started, 4)
         report_path = workdir / "report.json"

@@ -288,19 +288,23 @@ def test_near_duplicate_index_finds_candidates_and_confirms_them():
     assert index.similar({1, 2}, sigs[6]) is None  # candidates are confirmed, not trusted
 
 
-def test_sorted_runs_map_keeps_first_values_across_merges():
-    from services.ingest.pipeline.dedupe import SortedRuns
+def test_key_index_maps_keys_to_their_first_value_across_growth():
+    from services.ingest.pipeline.dedupe import KeyIndex
 
-    runs = SortedRuns()
+    index = KeyIndex(capacity=16)
     rng = np.random.default_rng(0)
+    # Keys that collide in the low and the high bits, added in batches that force growth.
     keys = rng.permutation(np.arange(1, 5001, dtype=np.uint64) * np.uint64(2**50 + 7))
+    keys[:50] = np.arange(50, dtype=np.uint64) << np.uint64(40)  # 0 is a key like any other
     for lo in range(0, 5000, 700):
         part = keys[lo : lo + 700]
-        runs.add(part, np.arange(lo, lo + len(part)))
-    assert len(runs._runs) <= 4 and runs.size == 5000
+        index.add(part, np.arange(lo, lo + len(part)))
+    assert index.size == 5000 and len(index._keys) >= 10000
+    assert index.lookup(keys).tolist() == list(range(5000))
     probe = np.concatenate([keys[[0, 4999, 1234]], np.array([7, 2**64 - 1], dtype=np.uint64)])
-    assert runs.lookup(probe).tolist() == [0, 4999, 1234, -1, -1]
-    assert SortedRuns().lookup(probe).tolist() == [-1] * 5
+    assert index.lookup(probe).tolist() == [0, 4999, 1234, -1, -1]
+    assert KeyIndex().lookup(probe).tolist() == [-1] * 5
+    assert KeyIndex().lookup(np.zeros(0, dtype=np.uint64)).tolist() == []
 
 
 def test_a_phase_with_no_records_gets_no_manifest(tmp_path: Path):
