@@ -24,6 +24,7 @@ from services.ingest.pipeline.formats import (
     label,
     normalise,
     parse_line,
+    split_lines,
 )
 from services.ingest.pipeline.pii import PiiScrubber
 
@@ -54,6 +55,9 @@ class ChunkJob:
     source: str
     trusted: bool
     rules: Rules
+    # JSONL: a block of whole lines and the number of its first line (instead of items).
+    block: bytes = b""
+    first_line: int = 0
 
 
 @dataclass
@@ -172,7 +176,8 @@ def process_chunk(job: ChunkJob) -> ChunkResult:
     rules = job.rules
     result = ChunkResult()
     valid: list[_Valid] = []
-    for position, raw in job.items:
+    items = split_lines(job.first_line, job.block) if job.block else job.items
+    for position, raw in items:
         try:
             if isinstance(raw, bytes | bytearray) and not raw.strip():
                 continue  # blank line

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import gzip
 import io
-from collections.abc import Iterator
+import zlib
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -81,7 +82,7 @@ Item = tuple[int, bytes | Any]
 """(line number or 1-based array position, raw line bytes or an already parsed element)."""
 
 
-def iter_items(path: Path) -> Iterator[Item]:
+def iter_items(path: Path) -> Generator[Item, None, None]:
     """Every record of a file with its position: raw lines for JSONL, parsed elements for a
     JSON array. A broken array raises :class:`RecordError` at the element it failed on."""
     with open_binary(path) as stream:
@@ -103,6 +104,77 @@ def iter_items(path: Path) -> Iterator[Item]:
                 raise RecordError(f"invalid JSON array after element {position}: {exc}") from exc
             return
         yield from enumerate(stream, start=1)
+
+
+BLOCK_BYTES = 2 * 1024 * 1024
+
+
+def _raw_blocks(path: Path) -> Iterator[bytes]:
+    """The file's bytes in blocks of at most about BLOCK_BYTES, gunzipped (every member) when
+    it starts with the gzip magic number. Output is bounded per step, so a small gzip that
+    inflates enormously is read as any large file is."""
+    with path.open("rb") as raw:
+        if raw.peek(2)[:2] != GZIP_MAGIC:
+            while block := raw.read(BLOCK_BYTES):
+                yield block
+            return
+        member = zlib.decompressobj(wbits=31)
+        started = False
+        while data := raw.read(BLOCK_BYTES // 4):
+            while data:
+                started = True
+                out = member.decompress(data, BLOCK_BYTES)
+                if out:
+                    yield out
+                if member.eof:  # the next member (gzip skips zero padding between them)
+                    data = member.unused_data.lstrip(b"\x00")
+                    member, started = zlib.decompressobj(wbits=31), False
+                else:
+                    data = member.unconsumed_tail
+        if started and not member.eof:
+            while out := member.decompress(b"", BLOCK_BYTES):  # what is left buffered
+                yield out
+            if not member.eof:
+                raise EOFError("compressed file ended before the end-of-stream marker")
+
+
+def iter_line_blocks(path: Path) -> Iterator[tuple[int, bytes]]:
+    """A JSONL file as blocks of whole lines: (number of the block's first line, bytes).
+    Splitting blocks into lines is left to whoever processes them (a worker), so reading
+    costs no Python work per line. The last block may lack its final newline."""
+    line = 1
+    carry = b""
+    first = True
+    for block in _raw_blocks(path):
+        if first:
+            first = False
+            if block.startswith(BOM):
+                block = block[len(BOM) :]
+        data = carry + block if carry else block
+        cut = data.rfind(b"\n")
+        if cut < 0:  # one line longer than a block: read on until it ends
+            carry = data
+            continue
+        whole, carry = data[: cut + 1], data[cut + 1 :]
+        yield line, whole
+        line += whole.count(b"\n")
+    if carry:
+        yield line, carry
+
+
+def split_lines(first_line: int, block: bytes) -> list[tuple[int, bytes]]:
+    """The items of a block from :func:`iter_line_blocks`, as :func:`iter_items` gives them."""
+    lines = block.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()  # the block ended with a newline
+    return list(enumerate(lines, start=first_line))
+
+
+def is_json_array_file(path: Path) -> bool:
+    with open_binary(path) as stream:
+        if stream.peek(3)[:3] == BOM:  # type: ignore[attr-defined]
+            stream.read(3)
+        return is_json_array(stream)
 
 
 def parse_line(raw: bytes | Any) -> Any:

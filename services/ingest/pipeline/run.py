@@ -38,7 +38,9 @@ from services.ingest.pipeline.formats import (
     RecordError,
     SourceFile,
     detect_format,
+    is_json_array_file,
     iter_items,
+    iter_line_blocks,
     parse_line,
 )
 from services.ingest.pipeline.pii import PII_TYPES
@@ -196,12 +198,21 @@ class Pipeline:
         return found, itertools.chain(buffered, items)
 
     def _jobs(self, src: SourceFile, stats: dict[str, Any]) -> Iterator[ChunkJob]:
-        items = iter_items(src.path)
+        reader = iter_items(src.path)
+        items: Iterator[Item] = reader
         fmt: Format | None = None if src.format == "auto" else src.format
         if fmt is None and src.trusted_split is None:
-            fmt, items = self._detect(items)
+            fmt, items = self._detect(reader)
         stats["format"] = fmt or "unknown"
         source = src.source or Path(src.display_name).name.split(".")[0] or "upload"
+        try:
+            array = is_json_array_file(src.path)
+        except _FILE_ERRORS:
+            array = True  # the item reader reports it, with its position
+        if not array:  # JSONL: whole blocks of lines to the workers
+            reader.close()
+            yield from self._block_jobs(src, fmt, source)
+            return
         position = 0
         chunk: list[Item] = []
         try:
@@ -215,6 +226,25 @@ class Pipeline:
             self._reject(src.display_name, position, "file", f"unreadable from here on: {exc}")
         if chunk:
             yield self._job(chunk, fmt, src, source)
+
+    def _block_jobs(self, src: SourceFile, fmt: Format | None, source: str) -> Iterator[ChunkJob]:
+        line = 0
+        try:
+            for first_line, block in iter_line_blocks(src.path):
+                line = first_line
+                yield ChunkJob(
+                    items=[],
+                    format=fmt,
+                    domain=src.domain,
+                    source=source,
+                    trusted=src.trusted_split is not None,
+                    rules=self.rules,
+                    block=block,
+                    first_line=first_line,
+                )
+                line = first_line + block.count(b"\n") - 1
+        except _FILE_ERRORS as exc:
+            self._reject(src.display_name, line, "file", f"unreadable from here on: {exc}")
 
     def _job(self, chunk: list[Item], fmt: Format | None, src: SourceFile, source: str) -> ChunkJob:
         if fmt is None and src.format == "auto":

@@ -209,3 +209,49 @@ def test_too_many_turns_are_refused():
         max_input_chars=10**6,
     )
     assert [(pos, code) for pos, code, _ in result.rejected] == [(1, "too_many_turns")]
+
+
+def _block_items(path: Path) -> list[tuple[int, bytes]]:
+    return [
+        (pos, raw)
+        for first, block in formats.iter_line_blocks(path)
+        for pos, raw in formats.split_lines(first, block)
+    ]
+
+
+def test_jsonl_blocks_give_the_same_lines_and_numbers_as_line_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(formats, "BLOCK_BYTES", 64)  # many blocks, lines across them
+    lines = [b'{"a": %d}' % i for i in range(50)]
+    lines[7] = b""  # a blank line keeps its number
+    lines[20] = b'{"long": "' + b"x" * 500 + b'"}'  # longer than a block
+    lines[30] = b'{"crlf": 1}\r'
+    body = b"\n".join(lines)  # no final newline
+    plain = tmp_path / "a.jsonl"
+    plain.write_bytes(formats.BOM + body)
+    # Several gzip members with zero padding between them, as `cat a.gz b.gz` makes.
+    half = body.index(b"\n", len(body) // 2) + 1
+    multi = tmp_path / "b.jsonl.gz"
+    multi.write_bytes(gzip.compress(body[:half]) + b"\x00\x00" + gzip.compress(body[half:]))
+    expected = [(pos, raw.rstrip(b"\n")) for pos, raw in iter_items(plain)]
+    assert _block_items(plain) == expected
+    assert _block_items(multi) == expected
+    assert len(expected) == 50 and expected[20][0] == 21
+
+
+def test_broken_and_bomb_gzip_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(formats, "BLOCK_BYTES", 1024)
+    data = gzip.compress(b'{"a": 1}\n' * 1000)
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(EOFError):
+        list(formats.iter_line_blocks(cut))
+    junk = tmp_path / "junk.jsonl.gz"
+    junk.write_bytes(b"\x1f\x8b" + b"not really gzip")
+    with pytest.raises(formats.zlib.error):
+        list(formats.iter_line_blocks(junk))
+    # 10 MB of zeros in a few KB: inflated a bounded block at a time.
+    bomb = tmp_path / "bomb.jsonl.gz"
+    bomb.write_bytes(gzip.compress(b"\n" * 10_000_000))
+    assert max(len(b) for b in formats._raw_blocks(bomb)) <= 1024
