@@ -309,7 +309,11 @@ async def prepare(
         phase_specs,
         base_path,
         settings,
-        metadata={"dataset_name": event.dataset_name, "run_id": event.run_id},
+        metadata={
+            "dataset_name": event.dataset_name,
+            "run_id": event.run_id,
+            "training_spec": event.training.model_dump(mode="json") if event.training else None,
+        },
         dataset_id=event.dataset_id,
         train_records=len(records),
     )

@@ -1,6 +1,7 @@
 """Per-run training settings on a real nats-server: a DatasetReady's ``training`` spec decides
 how its adapter is trained; two specs on one dataset → two adapters; a spec the trainer's
-policy refuses → TrainingFailed + dead letter, never a silent fallback."""
+policy refuses → TrainingFailed + dead letter, never a silent fallback. (SQLite only: the
+job table's paths are the ones test_service.py runs on SQLite and PostgreSQL.)"""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ REFUSED = {
 
 
 async def test_two_specs_on_one_dataset_train_two_adapters_and_bad_specs_fail(
-    bus_settings, db, tmp_path: Path, store_url: str, models_dir: Path
+    bus_settings, sqlite_db, tmp_path: Path, store_url: str, models_dir: Path
 ) -> None:
     store = ArtifactStore.from_url(store_url, cache_dir=tmp_path / "cache")
     base = await publishable_dataset(store, json_task(16), json_task(4, seed=5, prefix="v"))
@@ -62,7 +63,7 @@ async def test_two_specs_on_one_dataset_train_two_adapters_and_bad_specs_fail(
     small, lora = with_spec(SMALL), with_spec(LORA)
     async with (
         running_trainer(
-            bus_settings, db.url, tmp_path, store_url, forbidden_methods=["qlora"]
+            bus_settings, sqlite_db.url, tmp_path, store_url, forbidden_methods=["qlora"]
         ) as runtime,
         EventBus(bus_settings, service="test-ingest") as producer,
     ):
@@ -103,6 +104,7 @@ async def test_two_specs_on_one_dataset_train_two_adapters_and_bad_specs_fail(
         assert peft_config["use_dora"] is (spec.method != "lora")
         meta = json.loads((adapter / "training_metadata.json").read_text())
         assert meta["resolved_config"] == plan.config.canonical()
+        assert meta["training_spec"] == spec.model_dump(mode="json")
     assert done[small.event_id].adapter_id != done[lora.event_id].adapter_id
     # The spec's values, over the trainer's own (TRAINER_OVERRIDES says 4 steps, dora).
     assert (done[small.event_id].method, done[small.event_id].phases[0].steps) == ("dora", 2)
