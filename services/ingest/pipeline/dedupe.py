@@ -66,7 +66,7 @@ _WHITESPACE = b" \t\n\r\x0b\x0c"
 
 def conversation_text(messages: list[dict[str, str]]) -> bytes:
     """The conversation, lowercased, as UTF-8: what both keys are computed from."""
-    return "\n".join(f"{m['role']}: {m['content']}" for m in messages).lower().encode()
+    return "\n".join([f"{m['role']}: {m['content']}" for m in messages]).lower().encode()
 
 
 def exact_key(text: bytes) -> bytes:
@@ -325,7 +325,7 @@ class KeyIndex:
     def _grow(self, needed: int) -> None:
         used = self._values >= 0
         keys, values = self._keys[used], self._values[used]
-        self._alloc(1 << (3 * needed - 1).bit_length())
+        self._alloc(1 << (2 * needed - 1).bit_length())
         self._insert(keys, values)
 
 

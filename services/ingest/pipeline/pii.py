@@ -108,16 +108,33 @@ class PiiScrubber:
         return self.scrub_many([text])[0]
 
     def scrub_many(self, texts: list[str]) -> list[str]:
-        """Scrub many texts with one candidate scan over all of them: one RE2 call per
-        chunk of records instead of one per message (the per-call cost dominated). The scan
-        runs on UTF-8 bytes, so match offsets need no conversion to character positions."""
-        if not texts:
+        """Scrub many texts (see :meth:`scrub_changes`)."""
+        changes = self.scrub_changes(texts)
+        if not changes:
             return texts
-        encoded = [t.encode("utf-8", "surrogatepass") for t in texts]
-        starts = list(itertools.accumulate((len(b) + 1 for b in encoded[:-1]), initial=0))
+        return [changes.get(i, t) for i, t in enumerate(texts)]
+
+    def scrub_changes(self, texts: list[str]) -> dict[int, str]:
+        """The scrubbed version of each text that has PII, by index: one candidate scan over
+        all of them (one RE2 call per chunk of records instead of one per message, whose
+        fixed cost dominated). The scan runs on UTF-8 bytes, so match offsets need no
+        conversion to character positions; ASCII text (the usual case) is encoded in one
+        call."""
+        if not texts:
+            return {}
+        joined = "\x00".join(texts)
+        if joined.isascii():
+            blob = joined.encode("ascii")
+            sizes: list[int] = list(map(len, texts))
+            encoded: list[bytes] | None = None
+        else:
+            encoded = [t.encode("utf-8", "surrogatepass") for t in texts]
+            blob = b"\x00".join(encoded)
+            sizes = list(map(len, encoded))
+        starts = list(itertools.accumulate((n + 1 for n in sizes[:-1]), initial=0))
         # Candidates never contain NUL, so none spans two texts.
         edits: dict[int, list[tuple[int, int, bytes]]] = {}
-        for match in _CANDIDATE.finditer(b"\x00".join(encoded)):
+        for match in _CANDIDATE.finditer(blob):
             found = match.group(0).decode("ascii", "replace")
             replaced = self._classify(found)
             if replaced != found:
@@ -126,11 +143,10 @@ class PiiScrubber:
                 edits.setdefault(i, []).append(
                     (start - starts[i], end - starts[i], replaced.encode())
                 )
-        if not edits:
-            return texts
-        out = list(texts)
+        out: dict[int, str] = {}
         for i, changes in edits.items():
-            data, last = encoded[i], 0
+            data = encoded[i] if encoded is not None else blob[starts[i] : starts[i] + sizes[i]]
+            last = 0
             pieces: list[bytes] = []
             for start, end, new in changes:
                 pieces += (data[last:start], new)

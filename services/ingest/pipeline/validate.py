@@ -10,7 +10,7 @@ import re2
 
 # Text that means the "answer" is a failure, not an answer: tracebacks, refusals, API errors.
 # RE2: linear time whatever the input, and one pass for every alternative.
-ERROR_TEXT = re2.compile(
+_ERROR_PATTERN = (
     r"(?i)Traceback \(most recent call last\)"
     r"|I'?m sorry,? (?:but )?I (?:cannot|can'?t|am unable|'m unable)"
     r"|I apologi[sz]e,? but I (?:cannot|can'?t)"
@@ -22,6 +22,9 @@ ERROR_TEXT = re2.compile(
     r"|Error code: [45]\d\d"
     r'|"error":\s*\{'
 )
+ERROR_TEXT = re2.compile(_ERROR_PATTERN)
+# The same on bytes, for ASCII text: no conversion of offsets between bytes and characters.
+_ERROR_BYTES = re2.compile(_ERROR_PATTERN.encode())
 
 
 def role_order_error(messages: list[dict[str, str]]) -> str | None:
@@ -60,8 +63,14 @@ def error_texts(answers: list[str]) -> dict[int, str]:
         return {}
     starts = list(itertools.accumulate((len(a) + 1 for a in answers[:-1]), initial=0))
     found: dict[int, str] = {}
+    joined = "\x00".join(answers)
     # No pattern matches NUL, so no match spans two answers.
-    for match in ERROR_TEXT.finditer("\x00".join(answers)):
+    if joined.isascii():
+        for match in _ERROR_BYTES.finditer(joined.encode("ascii")):
+            i = bisect.bisect_right(starts, match.start()) - 1
+            found.setdefault(i, match.group(0)[:80].decode("ascii"))
+        return found
+    for match in ERROR_TEXT.finditer(joined):
         i = bisect.bisect_right(starts, match.start()) - 1
         found.setdefault(i, match.group(0)[:80])
     return found

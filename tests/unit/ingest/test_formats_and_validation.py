@@ -255,3 +255,10 @@ def test_broken_and_bomb_gzip_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyP
     bomb = tmp_path / "bomb.jsonl.gz"
     bomb.write_bytes(gzip.compress(b"\n" * 10_000_000))
     assert max(len(b) for b in formats._raw_blocks(bomb)) <= 1024
+
+
+def test_error_text_in_a_batch_in_ascii_and_in_unicode():
+    answers = ["fine answer", "Traceback (most recent call last): boom", "ok"]
+    assert validate.error_texts(answers) == {1: "Traceback (most recent call last)"}
+    mixed = validate.error_texts([*answers, "désolé — I'm sorry, I cannot help"])
+    assert mixed == {1: "Traceback (most recent call last)", 3: "I'm sorry, I cannot"}
