@@ -267,7 +267,7 @@ class KeyIndex:
 
     _FIB = np.uint64(0x9E3779B97F4A7C15)
 
-    def __init__(self, capacity: int = 1 << 12) -> None:
+    def __init__(self, capacity: int = 1 << 16) -> None:
         self._alloc(max(16, 1 << (capacity - 1).bit_length()))
         self.size = 0
 

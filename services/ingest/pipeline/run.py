@@ -228,10 +228,9 @@ class Pipeline:
             yield self._job(chunk, fmt, src, source)
 
     def _block_jobs(self, src: SourceFile, fmt: Format | None, source: str) -> Iterator[ChunkJob]:
-        line = 0
+        first_line, block = 1, b""
         try:
             for first_line, block in iter_line_blocks(src.path):
-                line = first_line
                 yield ChunkJob(
                     items=[],
                     format=fmt,
@@ -242,8 +241,8 @@ class Pipeline:
                     block=block,
                     first_line=first_line,
                 )
-                line = first_line + block.count(b"\n") - 1
         except _FILE_ERRORS as exc:
+            line = first_line + block.count(b"\n") - 1 if block else 0  # the last line read
             self._reject(src.display_name, line, "file", f"unreadable from here on: {exc}")
 
     def _job(self, chunk: list[Item], fmt: Format | None, src: SourceFile, source: str) -> ChunkJob:
