@@ -154,13 +154,8 @@ def _check(messages: list[dict[str, str]], rules: Rules) -> tuple[int, int]:
 
 def _drop_error_answers(valid: list[_Valid], result: ChunkResult) -> list[_Valid]:
     """Reject records whose answers contain error text (one scan for the whole chunk)."""
-    answers: list[str] = []
-    owners: list[int] = []
-    for vi, v in enumerate(valid):
-        for m in v[2]:
-            if m["role"] == "assistant":
-                answers.append(m["content"])
-                owners.append(vi)
+    answers = [m["content"] for v in valid for m in v[2] if m["role"] == "assistant"]
+    owners = [vi for vi, v in enumerate(valid) for m in v[2] if m["role"] == "assistant"]
     drop: dict[int, str] = {}
     for ai, fragment in validate.error_texts(answers).items():
         drop.setdefault(owners[ai], fragment)
@@ -228,14 +223,19 @@ def _process_chunk(job: ChunkJob) -> ChunkResult:
     keys: list[bytes] = []
     lines: list[bytes] = []
     order: list[bytes] = []
-    default_category = job.domain or "general"
+    ids, categories, sources = result.record_ids, result.categories, result.sources
+    default_category, default_source = job.domain or "general", job.source
     dumps, newline = orjson.dumps, orjson.OPT_APPEND_NEWLINE
     order_hash, seed = xxhash.xxh3_64_digest, rules.split_seed % 2**64
-    for position, record, messages, input_chars, output_chars in valid:
-        category = label(record, "category", "domain") or default_category
-        source = label(record, "source") or job.source
-        lowered = dedupe.conversation_text(messages)
-        key = dedupe.exact_key(lowered)
+    conversation_text, exact_key = dedupe.conversation_text, dedupe.exact_key
+    for _, record, messages, _, _ in valid:
+        # Most records carry no labels: look them up only when a key is there.
+        category = default_category
+        if "category" in record or "domain" in record:
+            category = label(record, "category", "domain") or default_category
+        source = (label(record, "source") if "source" in record else None) or default_source
+        lowered = conversation_text(messages)
+        key = exact_key(lowered)
         record_id = (label(record, "id") if job.trusted else None) or f"r{key.hex()[:24]}"
         lines.append(
             dumps(
@@ -243,15 +243,15 @@ def _process_chunk(job: ChunkJob) -> ChunkResult:
                 option=newline,
             )
         )
-        result.positions.append(position)
-        result.record_ids.append(record_id)
+        ids.append(record_id)
         keys.append(key[:8])
         order.append(order_hash(record_id.encode(), seed=seed))
-        result.categories.append(category)
-        result.sources.append(source)
-        result.input_chars.append(input_chars)
-        result.output_chars.append(output_chars)
+        categories.append(category)
+        sources.append(source)
         texts.append(lowered)
+    result.positions = [v[0] for v in valid]
+    result.input_chars = [v[3] for v in valid]
+    result.output_chars = [v[4] for v in valid]
     result.exact_keys = b"".join(keys)
     result.split_order = b"".join(order)
     result.lines = b"".join(lines)
