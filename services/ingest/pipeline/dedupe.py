@@ -126,12 +126,14 @@ def shingle_hashes(texts: list[bytes], words: int = SHINGLE_WORDS) -> tuple[np.n
     if full > 0:
         # Shingles that start at word w: valid when its last word is of the same text.
         valid = np.flatnonzero(record_of_word[words - 1 :] == record_of_word[:full])
+        # Combined over contiguous slices (all but a few are valid), then one gather.
         with np.errstate(over="ignore"):
-            h = word[valid] * _C1
+            every = word[:full] * _C1
             if words > 1:
-                h += word[valid + 1] * _C2
+                every += word[1 : full + 1] * _C2
             for k in range(2, words):
-                h += word[valid + k] * _C3 ** np.uint64(k - 1)
+                every += word[k : full + k] * _C3 ** np.uint64(k - 1)
+        h = every[valid]
         owner = record_of_word[valid]
     else:
         h, owner = np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
@@ -260,7 +262,8 @@ def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
 
 class KeyIndex:
     """A uint64 → int64 map as an open-addressing hash table in two numpy arrays (linear
-    probing, at most half full): ~32 bytes an entry where a dict of Python ints costs ~150,
+    probing, a quarter to half full): 32-64 bytes an entry where a dict of Python ints costs
+    ~150,
     with lookups and inserts done a chunk at a time, each a few vectorised probe rounds
     (sorted runs needed a binary search per run, cache miss after cache miss). A key keeps
     its first value: the caller adds only keys that :meth:`lookup` did not find, each once."""
