@@ -262,7 +262,7 @@ def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
 
 class KeyIndex:
     """A uint64 → int64 map as an open-addressing hash table in two numpy arrays (linear
-    probing, a quarter to half full): 32-64 bytes an entry where a dict of Python ints costs
+    probing, an eighth to half full): 32-128 bytes an entry where a dict of Python ints costs
     ~150,
     with lookups and inserts done a chunk at a time, each a few vectorised probe rounds
     (sorted runs needed a binary search per run, cache miss after cache miss). A key keeps
@@ -328,7 +328,7 @@ class KeyIndex:
     def _grow(self, needed: int) -> None:
         used = self._values >= 0
         keys, values = self._keys[used], self._values[used]
-        self._alloc(1 << (2 * needed - 1).bit_length())
+        self._alloc(1 << (4 * needed - 1).bit_length())  # few rehashes
         self._insert(keys, values)
 
 
