@@ -360,6 +360,8 @@ def main() -> None:
             )
             print(
                 f"    CPU: main {main_cpu:.2f} s, workers {worker_cpu:.2f} s "
+                f"= {1e6 * (main_cpu + worker_cpu) / total:.1f} µs per record "
+                f"({1e6 * main_cpu / total:.1f} main + {1e6 * worker_cpu / total:.1f} workers) "
                 f"→ {total / (main_cpu + worker_cpu):,.0f} records per CPU-second; "
                 f"on {cores} idle cores ≈ {total / idle:,.0f} records/s"
             )
@@ -381,9 +383,9 @@ def main() -> None:
             f"({size / 1e6:.0f} MB of input): ~{per_record:.0f} bytes per record; "
             "record content is spooled to disk"
         )
-        print("\nsingle-core cost per stage (records/s):")
+        print("\nsingle-core cost per stage (records/s, µs per record):")
         for name, rate in stage_costs(sources, ProcessingConfig()):
-            print(f"  {name:<32}{rate:>12,.0f}")
+            print(f"  {name:<32}{rate:>12,.0f}{1e6 / rate:>8.2f}")
 
 
 if __name__ == "__main__":

@@ -147,7 +147,7 @@ def shingle_hashes(texts: list[bytes], words: int = SHINGLE_WORDS) -> tuple[np.n
                 extra[take] += word[idx] * (_C1 if k == 0 else _C2 * np.uint64(k))
         h = np.concatenate([h, extra])
         owner = np.concatenate([owner, short])
-    return _mix(h), owner
+    return h, owner  # mixed by the caller (signatures), with its seed
 
 
 SIGNATURE_BATCH_BYTES = 1024 * 1024
