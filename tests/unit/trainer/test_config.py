@@ -239,3 +239,18 @@ def test_limits_and_allowed_base_models_are_settings(monkeypatch: pytest.MonkeyP
 def test_every_profile_fits_the_default_limits() -> None:
     for profile in PROFILES:
         resolve_config(profile, limits=ConfigLimits())
+
+
+def test_packed_batches_go_one_bin_per_micro_batch_without_varlen_attention() -> None:
+    from types import SimpleNamespace
+
+    from services.trainer.training.worker import micro_batches
+
+    def model(attention: str) -> SimpleNamespace:
+        return SimpleNamespace(config=SimpleNamespace(_attn_implementation=attention))
+
+    packed = resolve_config("cpu-tiny", overrides={"batch_size": 8, "grad_accum": 2})
+    assert micro_batches(packed, model("sdpa")) == (1, 16)  # same bins per optimizer step
+    assert micro_batches(packed, model("flash_attention_2")) == (8, 2)
+    padded = resolve_config("cpu-tiny", overrides={"packing": False, "batch_size": 8})
+    assert micro_batches(padded, model("sdpa")) == (8, 1)
