@@ -120,7 +120,7 @@ class ConfigLimits(BaseModel):
     batch_tokens: int = Field(default=262_144, ge=16)
 
     def violations(self, config: TrainingConfig) -> list[tuple[str, str]]:
-        """(field, message) for each bound the config is over."""
+        """(fields, message) for each bound the config is over (fields comma-separated)."""
         out = []
         for name in ("max_steps_per_phase", "epochs_per_phase", "r", "batch_size", "grad_accum"):
             value, limit = getattr(config, name), getattr(self, name)
@@ -137,7 +137,7 @@ class ConfigLimits(BaseModel):
         if tokens > self.batch_tokens:
             out.append(
                 (
-                    "batch_size",
+                    "batch_size,max_length",
                     f"batch_size x max_length = {tokens} tokens is over the limit "
                     f"{self.batch_tokens}",
                 )
@@ -250,7 +250,11 @@ def resolve_config(
     if over:
         raise ConfigError(
             "training config over the trainer's limits (TRAINER_LIMITS): "
-            + "; ".join(f"{msg}{_from(origin.get(name, ''))}" for name, msg in over)
+            + "; ".join(
+                msg
+                + _from(" and ".join(dict.fromkeys(origin.get(n, "") for n in names.split(","))))
+                for names, msg in over
+            )
         )
     if config.method in forbidden_methods:
         raise ConfigError(
