@@ -143,23 +143,28 @@ def iter_line_blocks(path: Path) -> Iterator[tuple[int, bytes]]:
     Splitting blocks into lines is left to whoever processes them (a worker), so reading
     costs no Python work per line. The last block may lack its final newline."""
     line = 1
-    carry = b""
+    pending: list[bytes] = []  # the start of a line that has not ended yet
     first = True
     for block in _raw_blocks(path):
         if first:
             first = False
             if block.startswith(BOM):
                 block = block[len(BOM) :]
-        data = carry + block if carry else block
-        cut = data.rfind(b"\n")
-        if cut < 0:  # one line longer than a block: read on until it ends
-            carry = data
+        cut = block.rfind(b"\n")
+        if cut < 0:  # a line longer than a block: read on until it ends
+            pending.append(block)
             continue
-        whole, carry = data[: cut + 1], data[cut + 1 :]
+        # One copy of the block at most (none when it ends a line and nothing is pending).
+        if pending or cut + 1 < len(block):
+            whole = b"".join((*pending, memoryview(block)[: cut + 1]))
+        else:
+            whole = block
+        pending = [block[cut + 1 :]] if cut + 1 < len(block) else []
         yield line, whole
         line += whole.count(b"\n")
-    if carry:
-        yield line, carry
+    rest = b"".join(pending)
+    if rest:
+        yield line, rest
 
 
 def split_lines(first_line: int, block: bytes) -> list[tuple[int, bytes]]:
