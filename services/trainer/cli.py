@@ -12,9 +12,12 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from shared.events import TrainingSpec
 
 PHASES = ("A", "B", "C")
 
@@ -40,8 +43,10 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _parse_spec(text: str, model: type[Any]) -> Any:
+def _parse_spec(text: str) -> TrainingSpec:
     """``--spec``: JSON text, or the path of a JSON file (at most 64 KiB)."""
+    from shared.events import TrainingSpec
+
     source = text
     if not text.lstrip().startswith("{"):
         path = Path(text)
@@ -49,7 +54,7 @@ def _parse_spec(text: str, model: type[Any]) -> Any:
             raise ValueError(f"--spec {text[:200]!r}: not JSON text nor a JSON file (<= 64 KiB)")
         source = path.read_text()
     try:
-        return model.model_validate_json(source)
+        return TrainingSpec.model_validate_json(source)
     except ValueError as exc:
         raise ValueError(f"--spec is not a valid TrainingSpec: {exc}") from exc
 
@@ -140,6 +145,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train an adapter on a local dataset directory (no broker, no database)."""
         from rich.console import Console
+        from rich.markup import escape
 
         from services.trainer.handlers import (
             local_base_model,
@@ -151,7 +157,6 @@ def register(app: typer.Typer) -> None:
         from services.trainer.training.config import ConfigError, Layer
         from services.trainer.training.data import DataError, plan_phases, read_records
         from services.trainer.training.runner import run_worker
-        from shared.events import TrainingSpec
         from shared.settings import CommonSettings
 
         console = Console(stderr=True)
@@ -169,7 +174,7 @@ def register(app: typer.Typer) -> None:
             updates["base_model"] = base_model
         flags = Layer("the command line", _parse_overrides(overrides or []), method)
         try:
-            training = _parse_spec(spec_text, TrainingSpec) if spec_text else None
+            training = _parse_spec(spec_text) if spec_text else None
             settings = TrainerSettings(**{**base.model_dump(), **updates})
             dataset_id = _dataset_id(train_path)
             plan = make_plan(
@@ -183,12 +188,12 @@ def register(app: typer.Typer) -> None:
             }
             phases = plan_phases(records, manifests, plan.config.phases)
         except (ConfigError, DataError, ValueError) as exc:
-            console.print(f"[red]{exc}[/red]")
+            console.print(f"[red]{escape(str(exc))}[/red]")
             raise typer.Exit(2) from exc
         try:
             base_path = local_base_model(plan.base_model)
         except Exception as exc:
-            console.print(f"[red]base model {plan.base_model!r}: {exc}[/red]")
+            console.print(f"[red]{escape(f'base model {plan.base_model!r}: {exc}')}[/red]")
             raise typer.Exit(2) from exc
         summary = {
             "adapter_id": plan.adapter_id,
@@ -229,7 +234,7 @@ def register(app: typer.Typer) -> None:
 
         outcome = asyncio.run(run_worker(spec, on_progress=show))
         if outcome.status != "done":
-            console.print(f"[red]training {outcome.status}: {outcome.reason}[/red]")
+            console.print(f"[red]training {outcome.status}: {escape(outcome.reason)}[/red]")
             raise typer.Exit(1)
         target = out or Path("adapters") / plan.adapter_id
         shutil.rmtree(target, ignore_errors=True)
