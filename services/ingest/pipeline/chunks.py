@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from services.ingest.pipeline.formats import (
     label,
     normalise,
     parse_line,
+    read_line_range,
     split_lines,
 )
 from services.ingest.pipeline.pii import PiiScrubber
@@ -59,6 +61,11 @@ class ChunkJob:
     # JSONL: a block of whole lines and the number of its first line (instead of items).
     block: bytes = b""
     first_line: int = 0
+    # Uncompressed JSONL: the lines starting in this byte range of a file, read by the
+    # worker (no copy through the main process); positions are then counted from 1.
+    path: str = ""
+    start: int = 0
+    end: int = 0
 
 
 @dataclass
@@ -73,6 +80,9 @@ class ChunkResult:
     exact_keys: bytes = b""  # 8 bytes per kept record: the first 64 bits of its exact key
     # 8 bytes per record: xxh3-64 of its id seeded with the split seed (its split order).
     split_order: bytes = b""
+    # A byte-range job: positions count from its first line; it covered this many lines.
+    relative: bool = False
+    lines_read: int = 0
     categories: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     input_chars: list[int] = field(default_factory=list)
@@ -185,6 +195,14 @@ def _process_chunk(job: ChunkJob) -> ChunkResult:
     result = ChunkResult()
     valid: list[_Valid] = []
     items = split_lines(job.first_line, job.block) if job.block else job.items
+    if job.path:
+        result.relative = True
+        try:
+            items = split_lines(1, read_line_range(Path(job.path), job.start, job.end))
+        except OSError as exc:
+            result.rejected.append((1, "file", f"unreadable from here on: {exc}"))
+            return result
+        result.lines_read = len(items)
     for position, raw in items:
         try:
             if isinstance(raw, bytes | bytearray) and (not raw or raw.isspace()):

@@ -167,6 +167,31 @@ def iter_line_blocks(path: Path) -> Iterator[tuple[int, bytes]]:
         yield line, rest
 
 
+def is_gzip(path: Path) -> bool:
+    with path.open("rb") as raw:
+        return raw.read(2) == GZIP_MAGIC
+
+
+def read_line_range(path: Path, start: int, end: int) -> bytes:
+    """The whole lines of an uncompressed file that start at a byte offset in
+    ``[start, end)`` (the last one read to its end): ranges that tile a file give every line
+    exactly once, so workers can read their part of a file themselves."""
+    with path.open("rb") as f:
+        if start > 0:
+            f.seek(start - 1)
+            if f.read(1) != b"\n":
+                f.readline()  # the rest of a line that started in the previous range
+        begin = f.tell()
+        if begin >= end:
+            return b""
+        data = f.read(end - begin)
+        if data and not data.endswith(b"\n"):
+            data += f.readline()
+    if start == 0 and data.startswith(BOM):
+        data = data[len(BOM) :]
+    return data
+
+
 def split_lines(first_line: int, block: bytes) -> list[tuple[int, bytes]]:
     """The items of a block from :func:`iter_line_blocks`, as :func:`iter_items` gives them."""
     lines = block.split(b"\n")

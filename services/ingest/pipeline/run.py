@@ -33,11 +33,13 @@ import orjson
 from services.ingest.pipeline import curriculum, dedupe
 from services.ingest.pipeline.chunks import ChunkJob, ChunkResult, Rules, process_chunk
 from services.ingest.pipeline.formats import (
+    BLOCK_BYTES,
     Format,
     Item,
     RecordError,
     SourceFile,
     detect_format,
+    is_gzip,
     is_json_array_file,
     iter_items,
     iter_line_blocks,
@@ -166,6 +168,7 @@ class Pipeline:
         self._files: list[str] = []
         self._interned: dict[str, str] = {}
         self._category_code: dict[str, int] = {}
+        self._line_offset: dict[int, int] = {}  # per input (its stats dict): lines read
         self.near = dedupe.NearDuplicateIndex(
             threshold=config.near_threshold, num_perm=config.num_perm
         )
@@ -209,9 +212,12 @@ class Pipeline:
             array = is_json_array_file(src.path)
         except _FILE_ERRORS:
             array = True  # the item reader reports it, with its position
-        if not array:  # JSONL: whole blocks of lines to the workers
+        if not array:  # JSONL: whole blocks of lines (or byte ranges) to the workers
             reader.close()
-            yield from self._block_jobs(src, fmt, source)
+            if is_gzip(src.path):
+                yield from self._block_jobs(src, fmt, source)
+            else:
+                yield from self._range_jobs(src, fmt, source)
             return
         position = 0
         chunk: list[Item] = []
@@ -226,6 +232,21 @@ class Pipeline:
             self._reject(src.display_name, position, "file", f"unreadable from here on: {exc}")
         if chunk:
             yield self._job(chunk, fmt, src, source)
+
+    def _range_jobs(self, src: SourceFile, fmt: Format | None, source: str) -> Iterator[ChunkJob]:
+        size = src.path.stat().st_size
+        for start in range(0, size, BLOCK_BYTES):
+            yield ChunkJob(
+                items=[],
+                format=fmt,
+                domain=src.domain,
+                source=source,
+                trusted=src.trusted_split is not None,
+                rules=self.rules,
+                path=str(src.path),
+                start=start,
+                end=min(size, start + BLOCK_BYTES),
+            )
 
     def _block_jobs(self, src: SourceFile, fmt: Format | None, source: str) -> Iterator[ChunkJob]:
         first_line, block = 1, b""
@@ -274,6 +295,12 @@ class Pipeline:
     def _consume(self, result: ChunkResult, src: SourceFile, stats: dict[str, Any]) -> None:
         started = time.perf_counter()
         name = src.display_name
+        if result.relative:  # a byte-range job: its lines follow those of the ones before
+            offset = self._line_offset.get(id(stats), 0)
+            self._line_offset[id(stats)] = offset + result.lines_read
+            if offset:
+                result.positions = [p + offset for p in result.positions]
+                result.rejected = [(p + offset, c, r) for p, c, r in result.rejected]
         for position, code, reason in result.rejected:
             self._reject(name, position, code, reason)
         self.pii.update(result.pii)

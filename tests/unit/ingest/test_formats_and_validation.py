@@ -262,3 +262,19 @@ def test_error_text_in_a_batch_in_ascii_and_in_unicode():
     assert validate.error_texts(answers) == {1: "Traceback (most recent call last)"}
     mixed = validate.error_texts([*answers, "désolé — I'm sorry, I cannot help"])
     assert mixed == {1: "Traceback (most recent call last)", 3: "I'm sorry, I cannot"}
+
+
+@pytest.mark.parametrize("size", [1, 7, 16, 64, 1000])
+def test_byte_ranges_tile_a_file_into_its_lines(tmp_path: Path, size: int):
+    lines = [b'{"a": %d}' % i for i in range(40)]
+    lines[3] = b""
+    lines[9] = b'{"long": "' + b"y" * 300 + b'"}'
+    lines[15] = b'{"crlf": 2}\r'
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(formats.BOM + b"\n".join(lines))  # no final newline
+    total = path.stat().st_size
+    got: list[bytes] = []
+    for start in range(0, total, size):
+        block = formats.read_line_range(path, start, min(total, start + size))
+        got += [raw for _, raw in formats.split_lines(1, block)]
+    assert got == [raw.rstrip(b"\n") for _, raw in iter_items(path)]

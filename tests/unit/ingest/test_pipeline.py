@@ -357,3 +357,30 @@ def test_signatures_estimate_jaccard_similarity_without_bias():
     assert short.shape == (5, 100)
     assert (short[0] == short[1]).all() and not (short[0] == short[2]).all()
     assert (short[3] == short[4]).all()
+
+
+def test_line_numbers_survive_reading_in_byte_ranges(tmp_path: Path, monkeypatch):
+    """Workers read ranges of a plain JSONL file themselves; rejections and duplicates still
+    name the right lines, whatever the range size (and with worker processes)."""
+
+    from services.ingest.pipeline import run as run_module
+
+    rows = [orjson.dumps(r) for r in records(60, seed=21)]
+    rows.insert(10, b'{"instruction": "broken')  # line 11
+    rows.insert(30, b"")  # line 31: blank
+    rows.append(rows[5])  # line 63: duplicate of line 6
+    src = tmp_path / "r.jsonl"
+    src.write_bytes(b"\n".join(rows) + b"\n")
+    expected = {11: "parse", 63: "exact_duplicate"}
+    for block in (300, 4096, 1 << 21):
+        monkeypatch.setattr(run_module, "BLOCK_BYTES", block)
+        out = run(tmp_path, [SourceFile(src, "r.jsonl")])
+        got = {e["line"]: e["code"] for e in out.report["rejected_examples"]}
+        assert got == expected, block
+        dup = next(e for e in out.report["rejected_examples"] if e["line"] == 63)
+        assert dup["reason"] == "duplicate of r.jsonl:6"
+        assert out.kept == 60
+    with ProcessPoolExecutor(2) as pool:
+        pipe = run_module.Pipeline(ProcessingConfig(), dataset_name="t", executor=pool)
+        out = pipe.run([SourceFile(src, "r.jsonl")], workdir=tmp_path / "pool")
+    assert {e["line"]: e["code"] for e in out.report["rejected_examples"]} == expected
