@@ -46,8 +46,20 @@ def _take(records: list[str], count: int, rng: np.random.Generator) -> list[str]
     out: list[str] = []
     while len(out) < count:
         order = rng.permutation(len(records))[: count - len(out)]
-        out.extend(records[i] for i in order.tolist())
+        out.extend([records[i] for i in order.tolist()])
     return out
+
+
+def _longest(lengths: Sequence[int], ids: Sequence[str], k: int) -> list[int]:
+    """Indices of the ``k`` longest records, longest first, ties by id: what
+    ``heapq.nsmallest(k, range(n), key=lambda i: (-lengths[i], ids[i]))`` gives, with the
+    n-sized part done by numpy (only records as long as the k-th longest are sorted)."""
+    if k <= 0:
+        return []
+    size = np.asarray(lengths, dtype=np.int64)
+    cut = np.partition(size, len(size) - k)[len(size) - k]  # the k-th largest length
+    candidates = np.flatnonzero(size >= cut).tolist()
+    return heapq.nsmallest(k, candidates, key=lambda i: (-lengths[i], ids[i]))
 
 
 def phase_b_weights(
@@ -107,7 +119,7 @@ def build_manifests(
     rng = np.random.default_rng([seed % 2**32, 2])
     target_c = targets.get("C", max(1, math.ceil(n * stress_fraction)) if n else 0)
     # Longest first; ties by id so the choice never depends on input order.
-    longest = heapq.nsmallest(min(target_c, n), range(n), key=lambda i: (-lengths[i], ids[i]))
+    longest = _longest(lengths, ids, min(target_c, n))
     pool = [ids[i] for i in longest]
     manifests["C"] = {
         "phase": "C",

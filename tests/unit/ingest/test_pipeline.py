@@ -384,3 +384,17 @@ def test_line_numbers_survive_reading_in_byte_ranges(tmp_path: Path, monkeypatch
         pipe = run_module.Pipeline(ProcessingConfig(), dataset_name="t", executor=pool)
         out = pipe.run([SourceFile(src, "r.jsonl")], workdir=tmp_path / "pool")
     assert {e["line"]: e["code"] for e in out.report["rejected_examples"]} == expected
+
+
+def test_stress_phase_picks_the_longest_ties_by_id_as_a_full_sort_would():
+    import heapq
+
+    rng = random.Random(3)
+    for _ in range(200):
+        n = rng.randint(1, 300)
+        lengths = [rng.randint(1, 20) for _ in range(n)]  # many ties
+        ids = [f"r{rng.randint(0, 50):03d}x{i}" for i in range(n)]
+        for k in (1, rng.randint(1, n), n):
+            expected = heapq.nsmallest(k, range(n), key=lambda i: (-lengths[i], ids[i]))
+            assert curriculum._longest(lengths, ids, k) == expected
+    assert curriculum._longest([5, 3], ["a", "b"], 0) == []
