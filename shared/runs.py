@@ -17,6 +17,7 @@ from typing import Any
 from shared.events import (
     EVENT_BY_SUBJECT,
     AdapterQuantized,
+    DeploymentRetired,
     EvaluationCompleted,
     Event,
     RolloutChanged,
@@ -75,6 +76,11 @@ def summarise_runs(events: Iterable[Event]) -> list[RunSummary]:
         run = runs.setdefault(event.run_id, RunSummary(event.run_id, event.occurred_at))
         ok = not isinstance(event, StageFailed)
         current = run.stages.get(event.stage)
+        if isinstance(event, DeploymentRetired):
+            # Later housekeeping, not progress: a note on the stage that deployed it.
+            if current is not None:
+                current.detail += f" (retired {event.occurred_at:%Y-%m-%d %H:%M})"
+            continue
         # A failure is sticky until a later success of the same stage replaces it.
         run.stages[event.stage] = StageStatus(
             stage=event.stage,

@@ -112,3 +112,32 @@ def test_status_counts_dead_letters_by_consumer_with_the_newest_reason():
     assert "trainer-dataset-ready" in lines[2] and " 2 " in lines[2]
     assert "run run-3: schema validation failed" in lines[2]
     assert "quantizer-adapter-trained" in lines[3]
+
+
+def test_a_later_retirement_is_a_note_not_the_run_s_progress():
+    from shared.events import DeploymentRetired, ModelDeployed
+
+    ready = _ready("run-r", T0)
+    deployed = ready.follow(
+        ModelDeployed,
+        producer="inference",
+        deployment_id="dep-1",
+        model_id="m1",
+        engine="vllm-cpu",
+        endpoint="http://127.0.0.1:1/v1",
+        served_model_name="tuneloop",
+        occurred_at=T0 + timedelta(minutes=2),
+    )
+    retired = deployed.follow(
+        DeploymentRetired,
+        producer="inference",
+        deployment_id="dep-1",
+        model_id="m1",
+        served_model_name="tuneloop",
+        occurred_at=T0 + timedelta(days=3),
+    )
+    (run,) = summarise_runs([ready, deployed, retired])
+    inference = run.stages["inference"]
+    assert inference.event == "ModelDeployed" and inference.ok
+    assert inference.at == deployed.occurred_at  # the run did not last three days
+    assert "(retired 2026-11-24 12:00)" in inference.detail
