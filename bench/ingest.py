@@ -384,7 +384,7 @@ def main() -> None:
             f"\nmemory (one process, fresh interpreter): peak RSS {rss_small:.0f} MB for "
             f"{small_total:,} records, {rss_full:.0f} MB for {total:,} records "
             f"({size / 1e6:.0f} MB of input): ~{per_record:.0f} bytes per record; "
-            "record content is spooled to disk"
+            "record content stays on disk (chunk files)"
         )
         print("\nsingle-core cost per stage (records/s, µs per record):")
         for name, rate in stage_costs(sources, ProcessingConfig()):

@@ -66,6 +66,9 @@ class ChunkJob:
     path: str = ""
     start: int = 0
     end: int = 0
+    # Write the output lines to this file rather than send them back (content then never
+    # passes through the main process).
+    out_path: str = ""
 
 
 @dataclass
@@ -74,7 +77,8 @@ class ChunkResult:
 
     positions: list[int] = field(default_factory=list)
     record_ids: list[str] = field(default_factory=list)
-    # The output JSON lines (newline included), one after the other, and their lengths.
+    # The output JSON lines (newline included), one after the other (unless the job had them
+    # written to its ``out_path``), and their lengths.
     lines: bytes = b""
     line_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint32))
     exact_keys: bytes = b""  # 8 bytes per kept record: the first 64 bits of its exact key
@@ -272,7 +276,11 @@ def _process_chunk(job: ChunkJob) -> ChunkResult:
     result.output_chars = [v[4] for v in valid]
     result.exact_keys = b"".join(keys)
     result.split_order = b"".join(order)
-    result.lines = b"".join(lines)
+    if job.out_path:
+        with open(job.out_path, "wb") as out:
+            out.write(b"".join(lines))
+    else:
+        result.lines = b"".join(lines)
     result.line_bytes = np.fromiter(map(len, lines), dtype=np.uint32, count=len(lines))
     if rules.near_dedupe and texts:
         sigs = dedupe.signatures(texts, num_perm=rules.num_perm)

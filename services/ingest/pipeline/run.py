@@ -2,7 +2,7 @@
 
 Reading and the dedupe decisions happen here, in order; the per-record work
 (:func:`~services.ingest.pipeline.chunks.process_chunk`) runs a chunk at a time, in worker
-processes when an executor is given. Kept records go to a spool file on disk, so memory
+processes when an executor is given. Output lines go to a file per chunk on disk, so memory
 holds only a few dozen bytes per record (ids, keys, labels, lengths) plus the LSH index.
 
 Records of the previous version of the dataset line are read first, as trusted input: they
@@ -12,10 +12,10 @@ re-ingesting the same content reproduces the previous version byte for byte.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import itertools
-import mmap
 import time
 import zlib
 from array import array
@@ -76,7 +76,7 @@ class PipelineOutput:
 
 @dataclass
 class _Meta:
-    """What is remembered of each kept record (its content is in the spool), by row."""
+    """What is remembered of each kept record (its content is in its chunk file), by row."""
 
     ids: list[str] = field(default_factory=list)
     categories: list[str] = field(default_factory=list)  # interned: one object per value
@@ -89,8 +89,7 @@ class _Meta:
     file: array[int] = field(default_factory=lambda: array("H"))
     position: array[int] = field(default_factory=lambda: array("q"))
     category_codes: array[int] = field(default_factory=lambda: array("I"))
-    # Per chunk: the kept records' output line lengths and split order hashes.
-    line_bytes: list[np.ndarray] = field(default_factory=list)
+    # Per chunk: the kept records' split order hashes.
     split_order: list[np.ndarray] = field(default_factory=list)
 
 
@@ -179,7 +178,9 @@ class Pipeline:
         self.timings: defaultdict[str, float] = defaultdict(float)
         self.empty_outputs = 0
         self._rejects_file: Any = None
-        self._spool: Any = None
+        # Per chunk, in order: its lines' file, their lengths, which records were kept.
+        self._chunks: list[tuple[Path, np.ndarray, np.ndarray]] = []
+        self._chunk_dir = Path()
 
     # ---------------------------------------------------------------- reading
 
@@ -292,7 +293,9 @@ class Pipeline:
     def _label(self, row: int) -> str:
         return f"{self._files[self.meta.file[row]]}:{self.meta.position[row]}"
 
-    def _consume(self, result: ChunkResult, src: SourceFile, stats: dict[str, Any]) -> None:
+    def _consume(
+        self, result: ChunkResult, src: SourceFile, stats: dict[str, Any], out_path: Path
+    ) -> None:
         started = time.perf_counter()
         name = src.display_name
         if result.relative:  # a byte-range job: its lines follow those of the ones before
@@ -373,7 +376,6 @@ class Pipeline:
         meta.input_chars.extend(compress(result.input_chars, take))
         meta.output_chars.extend(compress(result.output_chars, take))
         meta.position.extend(compress(positions, take))
-        meta.line_bytes.append(result.line_bytes[kept])
         meta.split_order.append(np.frombuffer(result.split_order, dtype=">u8")[kept])
         count = len(categories)
         meta.fixed_split.extend(bytes([split_code]) * count)
@@ -388,41 +390,33 @@ class Pipeline:
                     np.fromiter(pending.keys(), dtype=np.uint64, count=len(pending)),
                     np.fromiter(pending.values(), dtype=np.int64, count=len(pending)),
                 )
-        self._spool_kept(result, kept)
+        # The chunk's lines stay in its file until the splits are written.
+        self._chunks.append((out_path, result.line_bytes, kept))
         stats["read"] += n + len(result.rejected)
         stats["kept"] += count
         self.timings["dedupe_and_spool"] += time.perf_counter() - started
         if self.progress:
             self.progress(n + len(result.rejected))
 
-    def _spool_kept(self, result: ChunkResult, kept: np.ndarray) -> None:
-        """Append the kept records' lines to the spool: runs of them, not line by line."""
-        if kept.all():
-            self._spool.write(result.lines)
-            return
-        ends = np.cumsum(result.line_bytes, dtype=np.int64)
-        starts = ends - result.line_bytes
-        edges = np.flatnonzero(np.diff(kept, prepend=False, append=False)).tolist()
-        view = memoryview(result.lines)
-        for a, b in zip(edges[0::2], edges[1::2], strict=True):
-            self._spool.write(view[int(starts[a]) : int(ends[b - 1])])
-
     def _process(self, sources: Iterable[SourceFile]) -> None:
-        pending: deque[tuple[Future[ChunkResult], SourceFile, dict[str, Any]]] = deque()
+        pending: deque[tuple[Future[ChunkResult], SourceFile, dict[str, Any], Path]] = deque()
         for src in sources:
             stats: dict[str, Any] = {"file": src.display_name, "read": 0, "kept": 0}
             if src.trusted_split is None:
                 self.inputs.append(stats)
             started = time.perf_counter()
-            for job in self._jobs(src, stats):
+            for each in self._jobs(src, stats):
                 self.timings["read"] += time.perf_counter() - started
+                out_path = self._chunk_dir / f"{len(self._chunks) + len(pending):07d}.jsonl"
+                job = dataclasses.replace(each, out_path=str(out_path))
                 if self.executor is None:
                     t0 = time.perf_counter()
                     result = process_chunk(job)
                     self.timings["parse_validate_scrub_sketch"] += time.perf_counter() - t0
-                    self._consume(result, src, stats)
+                    self._consume(result, src, stats, out_path)
                 else:
-                    pending.append((self.executor.submit(process_chunk, job), src, stats))
+                    future = self.executor.submit(process_chunk, job)
+                    pending.append((future, src, stats, out_path))
                     while len(pending) >= self.max_in_flight:
                         self._drain_one(pending)
                 started = time.perf_counter()
@@ -431,13 +425,13 @@ class Pipeline:
             self._drain_one(pending)
 
     def _drain_one(
-        self, pending: deque[tuple[Future[ChunkResult], SourceFile, dict[str, Any]]]
+        self, pending: deque[tuple[Future[ChunkResult], SourceFile, dict[str, Any], Path]]
     ) -> None:
-        future, src, stats = pending.popleft()
+        future, src, stats, out_path = pending.popleft()
         t0 = time.perf_counter()
         result = future.result()
         self.timings["wait_for_workers"] += time.perf_counter() - t0
-        self._consume(result, src, stats)
+        self._consume(result, src, stats, out_path)
 
     # ---------------------------------------------------------------- splitting
 
@@ -465,30 +459,29 @@ class Pipeline:
     # ---------------------------------------------------------------- the run
 
     def _write_splits(
-        self,
-        spool_path: Path,
-        assignment: np.ndarray,
-        outs: dict[int, Any],
-        digests: dict[int, Any],
+        self, assignment: np.ndarray, outs: dict[int, Any], digests: dict[int, Any]
     ) -> None:
-        """Copy the spool into the split files, a run of same-split records at a time."""
-        if not len(assignment):
-            return
-        sizes = np.concatenate(self.meta.line_bytes).astype(np.int64)
-        offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
-        np.cumsum(sizes, out=offsets[1:])
-        bounds = [0, *(np.flatnonzero(np.diff(assignment)) + 1).tolist(), len(assignment)]
-        with spool_path.open("rb") as spool, mmap.mmap(spool.fileno(), 0, prot=mmap.PROT_READ) as m:
-            view = memoryview(m)
-            try:
+        """Copy each chunk's kept lines into the split files, a run of same-split records at
+        a time, in order; each chunk file is deleted once copied."""
+        base = 0
+        for path, sizes, kept in self._chunks:
+            count = int(kept.sum())
+            if count:
+                split = np.zeros(len(sizes), dtype=np.uint8)  # 0 = not kept
+                split[kept] = assignment[base : base + count]
+                base += count
+                offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
+                np.cumsum(sizes, out=offsets[1:])
+                bounds = [0, *(np.flatnonzero(np.diff(split)) + 1).tolist(), len(split)]
+                view = memoryview(path.read_bytes())
                 for a, b in itertools.pairwise(bounds):
-                    split = int(assignment[a])
-                    block = view[int(offsets[a]) : int(offsets[b])]
-                    outs[split].write(block)
-                    digests[split].update(block)
-                    block.release()
-            finally:
-                view.release()
+                    code = int(split[a])
+                    if code:
+                        block = view[int(offsets[a]) : int(offsets[b])]
+                        outs[code].write(block)
+                        digests[code].update(block)
+            path.unlink(missing_ok=True)
+        self._chunks.clear()
 
     def run(
         self,
@@ -498,11 +491,12 @@ class Pipeline:
         previous: list[SourceFile] | None = None,
     ) -> PipelineOutput:
         workdir.mkdir(parents=True, exist_ok=True)
-        spool_path = workdir / "spool.jsonl"
+        self._chunk_dir = workdir / "chunks"
+        self._chunk_dir.mkdir(exist_ok=True)
         rejects_path = workdir / "rejected.jsonl"
         started = time.perf_counter()
-        with spool_path.open("wb") as spool, rejects_path.open("wb") as rejects:
-            self._spool, self._rejects_file = spool, rejects
+        with rejects_path.open("wb") as rejects:
+            self._rejects_file = rejects
             self._process([*(previous or []), *sources])
         meta = self.meta
         t0 = time.perf_counter()
@@ -511,10 +505,10 @@ class Pipeline:
         validation_path = workdir / "validation.jsonl"
         digests = {1: hashlib.sha256(), 2: hashlib.sha256()}
         with train_path.open("wb") as train_out, validation_path.open("wb") as val_out:
-            self._write_splits(spool_path, assignment, {1: train_out, 2: val_out}, digests)
+            self._write_splits(assignment, {1: train_out, 2: val_out}, digests)
         train_idx = np.flatnonzero(assignment == 1).tolist()
         counts = {1: len(train_idx), 2: len(assignment) - len(train_idx)}
-        spool_path.unlink()
+        self._chunk_dir.rmdir()
         self.timings["split_and_write"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
