@@ -5,7 +5,9 @@ or restart engines after a restart of the service, restart engines that die, sto
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from services.inference.handlers import (
 from services.inference.models import LIVE_STATUSES, Deployment
 from services.inference.rollout import Deployer
 from shared.events import ArtifactRef, RolloutChanged
+from shared.telemetry import extract_trace_context, tracer
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,10 @@ class Rollout(Deployer):
                     await self._end(row, "gone", f"restore failed: {exc!r}")
 
     async def _restore_one(self, row: Deployment) -> None:
+        with _in_run_trace(row):
+            await self._restore(row)
+
+    async def _restore(self, row: Deployment) -> None:
         kind = "llama-cpp" if row.engine == "llama-cpp" else "vllm"
         plan = Plan("engine", kind, announced_engine(kind, self.profile))  # type: ignore[arg-type]
         if await self.healthy(row):
@@ -159,3 +166,19 @@ class Rollout(Deployer):
                 row.pid = None
                 await self._save(row)
         await self.backend.stop_all()
+
+
+@contextlib.contextmanager
+def _in_run_trace(row: Deployment) -> Iterator[None]:
+    """Restoring a deployment continues the trace of the run that created it (its events,
+    e.g. the ModelDeployed of a start a crash interrupted, then join that run's trace)."""
+    if not row.trace_parent:
+        yield
+        return
+    parent = extract_trace_context({"traceparent": row.trace_parent})
+    with tracer("tuneloop.inference").start_as_current_span(
+        "restore deployment",
+        context=parent,
+        attributes={"tuneloop.run_id": row.run_id, "tuneloop.deployment_id": row.id},
+    ):
+        yield

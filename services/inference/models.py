@@ -25,6 +25,8 @@ class Deployment(SQLModel, table=True):
     dedupe_key: str = Field(sa_column=Column(String(255), nullable=False))
     run_id: str = Field(sa_column=Column(String(200), nullable=False))
     source_event_id: str | None = Field(default=None, sa_column=Column(String(36)))
+    # W3C traceparent of the handler that created it: work finished after a crash joins it.
+    trace_parent: str | None = Field(default=None, sa_column=Column(String(64)))
     model_id: str = Field(sa_column=Column(String(200), nullable=False))
     adapter_id: str | None = Field(default=None, sa_column=Column(String(200)))
     dataset_id: str | None = Field(default=None, sa_column=Column(String(200)))

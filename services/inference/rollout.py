@@ -40,6 +40,7 @@ from shared.events import (
     ModelDeployed,
 )
 from shared.storage import ArtifactCorrupted, ArtifactError, ArtifactNotFound
+from shared.telemetry import inject_trace_headers
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class Deployer(DeploymentState):
             dedupe_key=key,
             run_id=event.run_id,
             source_event_id=str(event.event_id),
+            trace_parent=inject_trace_headers({}).get("traceparent"),
             model_id=event.model_id,
             adapter_id=event.adapter_id,
             dataset_id=event.dataset_id,
@@ -236,7 +238,10 @@ class Deployer(DeploymentState):
         }
         if cause is not None and cause.run_id == row.run_id:
             return cause.follow(ModelDeployed, **fields)
-        return ModelDeployed(run_id=row.run_id, **fields)
+        # Finished outside the handler (a start that a crash interrupted): still caused by
+        # the event that asked for it.
+        causation = UUID(row.source_event_id) if row.source_event_id else None
+        return ModelDeployed(run_id=row.run_id, causation_id=causation, **fields)
 
     async def _fail(
         self,

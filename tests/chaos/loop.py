@@ -20,6 +20,7 @@ from shared import failpoints
 from shared.db import Database
 from shared.demo import DemoResult, demo_env, run_demo
 from shared.events import DatasetReady, DatasetSubmitted, Event, ModelDeployed, RolloutChanged
+from shared.runs import load_spans
 from shared.subjects import Namespace
 from shared.supervisor import Embedded
 from tests.chaos.ledger import Result
@@ -75,6 +76,10 @@ class LoopOutcome:
     fired: list[str] = field(default_factory=list)
     killed_at: float | None = None
     recovered_s: float | None = None
+    # Trace ids that carry the run's id (one trace per run, crashes or not).
+    run_traces: set[str] = field(default_factory=set)
+    # Events of the run whose causation id is not another event of the run.
+    orphans: list[str] = field(default_factory=list)
     result: Result = field(default_factory=lambda: Result("?"))
 
 
@@ -164,6 +169,12 @@ async def service_crashes(home: Path, models_dir: Path) -> LoopOutcome:
         events = [e for e in await all_events(state["nats_url"]) if e.run_id == demo.run_id]
         outcome = LoopOutcome(demo=demo, home=home)
         outcome.effects = dict(effects(events))
+        ids = {e.event_id for e in events}
+        outcome.orphans = [
+            type(e).__name__
+            for e in events
+            if not isinstance(e, DatasetReady) and e.causation_id not in ids
+        ]
         outcome.rows = await count_rows(state["database_url"], demo.run_id)
         outcome.fired = failpoints.fired(home)
         marks = (
@@ -181,9 +192,14 @@ async def service_crashes(home: Path, models_dir: Path) -> LoopOutcome:
         outcome.result = _ledger_row(
             "4 service crashes (loop)", outcome, faults, await _dead_letters(state["nats_url"])
         )
-        return outcome
     finally:
-        await asyncio.to_thread(embedded.stop)
+        await asyncio.to_thread(embedded.stop)  # flushes the surviving processes' spans
+    outcome.run_traces = {
+        s["trace_id"]
+        for s in load_spans(Path(state["span_file"]))
+        if s.get("attributes", {}).get("tuneloop.run_id") == demo.run_id
+    }
+    return outcome
 
 
 def engine_pid(endpoint: str) -> int:

@@ -55,6 +55,10 @@ async def test_every_service_killed_inside_its_work_still_one_effect_per_stage(
     assert not failures, outcome.effects
     assert outcome.rows == dict.fromkeys(outcome.rows, 1), outcome.rows
     assert outcome.result.dead_letters == 0
+    # The causal chain and the one trace survive the crashes (inference finishes the
+    # interrupted engine start after its restart, outside any handler).
+    assert outcome.orphans == [], outcome.orphans
+    assert len(outcome.run_traces) == 1, outcome.run_traces
 
 
 async def test_the_canary_engine_killed_under_traffic_is_rolled_back_without_client_errors(
