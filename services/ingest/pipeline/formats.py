@@ -144,6 +144,7 @@ def iter_line_blocks(path: Path) -> Iterator[tuple[int, bytes]]:
     costs no Python work per line. The last block may lack its final newline."""
     line = 1
     pending: list[bytes] = []  # the start of a line that has not ended yet
+    held = 0  # its bytes kept: past MAX_RECORD_BYTES it is rejected anyway, so not held whole
     first = True
     for block in _raw_blocks(path):
         if first:
@@ -152,14 +153,20 @@ def iter_line_blocks(path: Path) -> Iterator[tuple[int, bytes]]:
                 block = block[len(BOM) :]
         cut = block.rfind(b"\n")
         if cut < 0:  # a line longer than a block: read on until it ends
-            pending.append(block)
+            if held <= MAX_RECORD_BYTES:
+                pending.append(block[: MAX_RECORD_BYTES + 1 - held])
+                held += len(pending[-1])
             continue
-        # One copy of the block at most (none when it ends a line and nothing is pending).
-        if pending or cut + 1 < len(block):
-            whole = b"".join((*pending, memoryview(block)[: cut + 1]))
+        view = memoryview(block)
+        if held > MAX_RECORD_BYTES:  # end the cut-short line here, then the block's lines
+            head = block.find(b"\n")
+            whole = b"".join((*pending, b"\n", view[head + 1 : cut + 1]))
+        elif pending or cut + 1 < len(block):  # one copy of the block at most
+            whole = b"".join((*pending, view[: cut + 1]))
         else:
             whole = block
         pending = [block[cut + 1 :]] if cut + 1 < len(block) else []
+        held = len(pending[0]) if pending else 0
         yield line, whole
         line += whole.count(b"\n")
     rest = b"".join(pending)
@@ -172,21 +179,59 @@ def is_gzip(path: Path) -> bool:
         return raw.read(2) == GZIP_MAGIC
 
 
+_SCAN_BYTES = 1 << 20
+
+
+def _skip_line(f: BinaryIO, limit: int) -> bool:
+    """Move past the next newline, keeping nothing, but not beyond byte ``limit``; True if
+    one was found there. Bounded, so ranges inside one huge line cost only their own size."""
+    while (at := f.tell()) < limit:
+        chunk = f.read(min(_SCAN_BYTES, limit - at))
+        if not chunk:
+            return False
+        cut = chunk.find(b"\n")
+        if cut >= 0:
+            f.seek(at + cut + 1)
+            return True
+    return False
+
+
+def _rest_of_line(f: BinaryIO, keep: int) -> bytes:
+    """The rest of the current line (newline included), of which at most ``keep`` bytes are
+    kept: a longer line is rejected for its length anyway, so it is never held whole."""
+    pieces: list[bytes] = []
+    kept = 0
+    while chunk := f.read(_SCAN_BYTES):
+        cut = chunk.find(b"\n")
+        piece = chunk if cut < 0 else chunk[: cut + 1]
+        if kept < keep:
+            pieces.append(piece[: keep - kept])
+            kept += len(pieces[-1])
+        if cut >= 0:
+            f.seek(f.tell() - len(chunk) + cut + 1)
+            if pieces and not pieces[-1].endswith(b"\n"):
+                pieces.append(b"\n")
+            break
+    return b"".join(pieces)
+
+
 def read_line_range(path: Path, start: int, end: int) -> bytes:
     """The whole lines of an uncompressed file that start at a byte offset in
-    ``[start, end)`` (the last one read to its end): ranges that tile a file give every line
-    exactly once, so workers can read their part of a file themselves."""
+    ``[start, end)`` (the last one read to its end, or to just past MAX_RECORD_BYTES): ranges
+    that tile a file give every line exactly once, so workers can read their part of a file
+    themselves."""
     with path.open("rb") as f:
         if start > 0:
             f.seek(start - 1)
-            if f.read(1) != b"\n":
-                f.readline()  # the rest of a line that started in the previous range
+            if f.read(1) != b"\n" and not _skip_line(f, end):
+                return b""  # no line starts in this range
         begin = f.tell()
         if begin >= end:
             return b""
         data = f.read(end - begin)
         if data and not data.endswith(b"\n"):
-            data += f.readline()
+            last = data.rfind(b"\n") + 1  # where the unfinished line starts
+            data += _rest_of_line(f, MAX_RECORD_BYTES + 1 - (len(data) - last))
     if start == 0 and data.startswith(BOM):
         data = data[len(BOM) :]
     return data

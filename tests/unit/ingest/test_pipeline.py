@@ -398,3 +398,33 @@ def test_stress_phase_picks_the_longest_ties_by_id_as_a_full_sort_would():
             expected = heapq.nsmallest(k, range(n), key=lambda i: (-lengths[i], ids[i]))
             assert curriculum._longest(lengths, ids, k) == expected
     assert curriculum._longest([5, 3], ["a", "b"], 0) == []
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_a_huge_line_is_rejected_without_being_held_whole(tmp_path: Path, monkeypatch, gz):
+    """Past MAX_RECORD_BYTES a line is cut short while it is read (by the byte-range readers
+    and by the gzip block reader), reported as too long at its line, and the lines around it
+    are read as usual."""
+    import gzip
+
+    from services.ingest.pipeline import formats
+    from services.ingest.pipeline import run as run_module
+
+    monkeypatch.setattr(formats, "MAX_RECORD_BYTES", 1000)
+    monkeypatch.setattr(formats, "BLOCK_BYTES", 256)
+    monkeypatch.setattr(run_module, "BLOCK_BYTES", 256)
+    rows = [orjson.dumps(r) for r in records(6, seed=31)]
+    rows.insert(2, b'{"instruction": "' + b"x" * 5000 + b'", "output": "y"}')  # line 3
+    data = b"\n".join(rows) + b"\n"
+    src = tmp_path / ("h.jsonl.gz" if gz else "h.jsonl")
+    src.write_bytes(gzip.compress(data) if gz else data)
+    if not gz:
+        pieces = [
+            formats.read_line_range(src, s, min(len(data), s + 256))
+            for s in range(0, len(data), 256)
+        ]
+        assert max(map(len, pieces)) <= 256 + 1001 + 1000  # never the whole 5 KB line
+    out = run(tmp_path, [SourceFile(src, src.name, "alpaca")])
+    assert out.kept == 6
+    [entry] = out.report["rejected_examples"]
+    assert (entry["line"], entry["code"]) == (3, "parse") and "longer than" in entry["reason"]
