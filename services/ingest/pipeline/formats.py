@@ -138,7 +138,7 @@ def _raw_blocks(path: Path) -> Iterator[bytes]:
                 raise EOFError("compressed file ended before the end-of-stream marker")
 
 
-def iter_line_blocks(path: Path) -> Iterator[tuple[int, bytes]]:
+def iter_line_blocks(path: Path) -> Generator[tuple[int, bytes], None, None]:
     """A JSONL file as blocks of whole lines: (number of the block's first line, bytes).
     Splitting blocks into lines is left to whoever processes them (a worker), so reading
     costs no Python work per line. The last block may lack its final newline."""

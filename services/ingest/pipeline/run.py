@@ -44,6 +44,7 @@ from services.ingest.pipeline.formats import (
     iter_items,
     iter_line_blocks,
     parse_line,
+    split_lines,
 )
 from services.ingest.pipeline.pii import PII_TYPES
 from services.ingest.settings import ProcessingConfig
@@ -201,25 +202,50 @@ class Pipeline:
             return found, itertools.chain(buffered, _raising(exc))
         return found, itertools.chain(buffered, items)
 
+    @staticmethod
+    def _detect_lines(path: Path) -> Format | None:
+        """The format of the first recognisable line of a JSONL file (looking at most
+        DETECT_WINDOW lines), read by the block reader, which never holds a huge line
+        whole; unreadable from the start = unknown (reading it again reports why)."""
+        blocks = iter_line_blocks(path)
+        seen = 0
+        try:
+            for first, block in blocks:
+                for _, raw in split_lines(first, block):
+                    try:
+                        found = detect_format(parse_line(raw))
+                    except RecordError:
+                        found = None
+                    seen += 1
+                    if found or seen >= DETECT_WINDOW:
+                        return found
+        except _FILE_ERRORS:
+            return None
+        finally:
+            blocks.close()
+        return None
+
     def _jobs(self, src: SourceFile, stats: dict[str, Any]) -> Iterator[ChunkJob]:
-        reader = iter_items(src.path)
-        items: Iterator[Item] = reader
         fmt: Format | None = None if src.format == "auto" else src.format
-        if fmt is None and src.trusted_split is None:
-            fmt, items = self._detect(reader)
-        stats["format"] = fmt or "unknown"
+        detect = fmt is None and src.trusted_split is None
         source = src.source or Path(src.display_name).name.split(".")[0] or "upload"
         try:
             array = is_json_array_file(src.path)
         except _FILE_ERRORS:
             array = True  # the item reader reports it, with its position
         if not array:  # JSONL: whole blocks of lines (or byte ranges) to the workers
-            reader.close()
+            if detect:
+                fmt = self._detect_lines(src.path)
+            stats["format"] = fmt or "unknown"
             if is_gzip(src.path):
                 yield from self._block_jobs(src, fmt, source)
             else:
                 yield from self._range_jobs(src, fmt, source)
             return
+        items: Iterator[Item] = iter_items(src.path)
+        if detect:
+            fmt, items = self._detect(items)
+        stats["format"] = fmt or "unknown"
         position = 0
         chunk: list[Item] = []
         try:

@@ -428,3 +428,15 @@ def test_a_huge_line_is_rejected_without_being_held_whole(tmp_path: Path, monkey
     assert out.kept == 6
     [entry] = out.report["rejected_examples"]
     assert (entry["line"], entry["code"]) == (3, "parse") and "longer than" in entry["reason"]
+
+
+def test_format_detection_skips_a_huge_first_line(tmp_path: Path, monkeypatch):
+    from services.ingest.pipeline import formats
+
+    monkeypatch.setattr(formats, "MAX_RECORD_BYTES", 1000)
+    rows = [b'{"junk": "' + b"z" * 50_000 + b'"}', *(orjson.dumps(r) for r in records(4, seed=41))]
+    src = tmp_path / "d.jsonl"
+    src.write_bytes(b"\n".join(rows))
+    out = run(tmp_path, [SourceFile(src, "d.jsonl")])  # format auto
+    assert out.report["inputs"][0]["format"] == "alpaca" and out.kept == 4
+    assert [e["line"] for e in out.report["rejected_examples"]] == [1]
