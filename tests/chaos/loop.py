@@ -26,6 +26,7 @@ from shared.supervisor import Embedded
 from tests.chaos.ledger import Result
 from tests.e2e.harness import (
     FAST_REDELIVERY,
+    LOOP_TEST_ENV,
     all_events,
     effects,
     publish_with_plain_nats,
@@ -137,6 +138,7 @@ async def service_crashes(home: Path, models_dir: Path) -> LoopOutcome:
     SIGKILLed once inside its work (the failpoints in CRASHES)."""
     env = {
         **demo_env("tiny"),
+        **LOOP_TEST_ENV,
         **FAST_REDELIVERY,
         "TUNELOOP_MODELS_DIR": str(models_dir),
         "TUNELOOP_FAILPOINTS": ",".join(CRASHES),
@@ -217,6 +219,7 @@ async def engine_death(home: Path, models_dir: Path) -> LoopOutcome:
     demo's traffic. The gateway must roll it back with no client request failing."""
     env = {
         **demo_env("tiny"),
+        **LOOP_TEST_ENV,
         "TUNELOOP_MODELS_DIR": str(models_dir),
         # A long first step, so the canary is still at 25% when its engine dies.
         "GATEWAY_STEP_MIN_SECONDS": "600",

@@ -23,6 +23,9 @@ from shared.subjects import Namespace
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = ROOT / ".venvs" / "vllm" / "bin" / "python"
+# The loop tests check the pipeline, not the latency SLO: on 2 shared cores a cold canary's
+# p95 swings by seconds, so only errors (and the circuit breaker) judge the canary here.
+LOOP_TEST_ENV = {"GATEWAY_SLO_P95_SLACK_MS": "60000"}
 # Crashed handlers are redelivered after ack_wait: keep the chaos runs short.
 FAST_REDELIVERY = {
     "TUNELOOP_ACK_WAIT_S": "10",

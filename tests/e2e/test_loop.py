@@ -17,6 +17,7 @@ from shared.subjects import DATASET_READY, Namespace
 from shared.supervisor import SERVICES, Embedded, available_services
 from tests.e2e.harness import (
     FAST_REDELIVERY,
+    LOOP_TEST_ENV,
     VLLM_PYTHON,
     effects,
     publish_with_plain_nats,
@@ -46,7 +47,7 @@ async def test_a_dataset_becomes_a_promoted_model_serving_through_the_gateway(
     from openai import AsyncOpenAI
 
     assert available_services() == list(SERVICES)
-    env = {**demo_env("tiny"), "TUNELOOP_MODELS_DIR": str(models_dir)}
+    env = {**demo_env("tiny"), **LOOP_TEST_ENV, "TUNELOOP_MODELS_DIR": str(models_dir)}
     embedded = Embedded(home=tmp_path / "home", extra_env=env)
     state = await asyncio.to_thread(embedded.start)
     try:
@@ -108,6 +109,7 @@ async def test_plain_nats_dataset_ready_on_postgres_survives_a_trainer_kill(
     run ends with exactly one adapter and one promoted model."""
     env = {
         **demo_env("tiny"),
+        **LOOP_TEST_ENV,
         **FAST_REDELIVERY,
         "TUNELOOP_MODELS_DIR": str(models_dir),
         # SIGKILL right after the second checkpoint (step 50 of phase A) is recorded.
