@@ -7,10 +7,13 @@ store, the six services, vLLM CPU), uploads the generated corpus, and follows th
 its promotion. Then, from the run's events (``occurred_at``) and the services' spans:
 
 - per stage: wall time from the event that caused it to the event it produced;
-- the work inside each stage: the consumer span of the handler (training, merging and the
-  perplexity gate, engine start, benchmark), i.e. the time a service spent on the message;
-- orchestration overhead = total - the work of every stage = what the event plumbing costs:
-  outbox commit → relay → NATS → the next consumer's fetch, for each hop;
+- the work inside each stage: from the start of the consumer span of the delivery that
+  produced the effect (training, merging and the perplexity gate, engine start, benchmark)
+  to the effect's ``occurred_at``;
+- the hop before each stage: from the cause's ``occurred_at`` to that consumer span's start,
+  i.e. what the event plumbing costs: the producer's commit, the outbox relay, NATS, the
+  next consumer's fetch;
+- orchestration overhead = total - the work of every stage = the sum of the hops;
 - the canary stage is driven by live traffic and the configured steps (minimum requests and
   seconds per step), so it is shown apart from the pipeline's total.
 
@@ -77,8 +80,12 @@ def report(result: Any, spans: list[dict[str, Any]], upload_at: float, upload_s:
             and s["name"] == span_name
             and s.get("attributes", {}).get("tuneloop.event_id") == str(first[cause].event_id)
         ] or [s for s in run if s["service"] == stage and s["name"] == span_name]
-        # The work is the handler's span that produced the effect (the last delivery).
-        work = max((s["duration_ms"] for s in consumed), default=0.0) / 1000
+        # The delivery that produced the effect is the last one to start before it; the work
+        # is from its start to the effect, the hop from the cause to its start (the producer's
+        # commit, outbox relay, NATS, the consumer's fetch).
+        effect_at = first[effect].occurred_at.timestamp()
+        starts = [_ts(s["start"]) for s in consumed if _ts(s["start"]) <= effect_at]
+        work = effect_at - max(starts) if starts else wall
         work_total += work
         rows.append((f"{stage} ({cause.__name__} → {effect.__name__})", wall, work))
     evaluated = first[EvaluationCompleted].occurred_at.timestamp()
