@@ -24,12 +24,14 @@ while still working.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
+from uuid import UUID
 
 from faststream import AckPolicy
 from faststream.nats import (
@@ -44,7 +46,15 @@ from faststream.nats import (
 from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.context import Context
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
 from pydantic import ValidationError
 
 from shared import failpoints
@@ -53,6 +63,25 @@ from shared.subjects import Namespace
 from shared.telemetry import extract_trace_context, inject_trace_headers, log_context, tracer
 
 log = logging.getLogger(__name__)
+
+
+def trace_of_event(payload: bytes) -> Context:
+    """The trace for a message that came without one (published by a plain NATS client): its
+    trace id is the event id, so every delivery of that event, redeliveries after a crash
+    included, joins one trace. The parent is a remote span that only names the trace."""
+    try:
+        event_id = UUID(str(json.loads(payload)["event_id"]))
+    except (ValueError, KeyError, TypeError):
+        return Context()
+    low = event_id.int & 0xFFFF_FFFF_FFFF_FFFF
+    parent = SpanContext(
+        trace_id=event_id.int,
+        span_id=low or 1,
+        is_remote=True,
+        trace_flags=TraceFlags(TraceFlags.SAMPLED),
+    )
+    return trace.set_span_in_context(NonRecordingSpan(parent))
+
 
 E = TypeVar("E", bound=Event)
 
@@ -336,6 +365,8 @@ class EventBus:
         attempt = int(raw.metadata.num_delivered or 1)
         payload: bytes = raw.data
         parent = extract_trace_context(headers)
+        if not trace.get_current_span(parent).get_span_context().is_valid:
+            parent = trace_of_event(payload)
         span_name = f"consume {sub.event_type.subject}"
         with tracer("tuneloop.bus").start_as_current_span(
             span_name, context=parent, kind=SpanKind.CONSUMER
