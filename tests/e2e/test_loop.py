@@ -164,3 +164,21 @@ async def test_plain_nats_dataset_ready_on_postgres_survives_a_trainer_kill(
         assert rows[0][1] >= 2, rows  # ... by a second attempt after the kill
     finally:
         await asyncio.to_thread(embedded.stop)
+
+    # The publisher sent no trace context: the run's trace is named by its event id, and the
+    # trainer's second delivery (after the kill) joins it.
+    spans = load_spans(Path(state["span_file"]))
+    run_traces = {
+        s["trace_id"]
+        for s in spans
+        if s.get("attributes", {}).get("tuneloop.run_id") == result.run_id
+    }
+    assert len(run_traces) == 1, run_traces
+    trainer_consumes = [
+        s
+        for s in spans
+        if s["trace_id"] in run_traces
+        and s["name"] == "consume dataset.ready"
+        and s["service"] == "trainer"
+    ]
+    assert len(trainer_consumes) >= 2, trainer_consumes  # both deliveries, one trace
