@@ -4,7 +4,9 @@ processes. A dataset goes in; a fine-tuned model comes out serving production tr
 from __future__ import annotations
 
 import asyncio
+import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -120,8 +122,11 @@ async def test_plain_nats_dataset_ready_on_postgres_survives_a_trainer_kill(
     state = await asyncio.to_thread(embedded.start)
     assert state["database_url"].startswith("postgresql")
 
+    published: dict[str, Any] = {}
+
     async def publish_ready(corpus: Path) -> str:
         payload = write_external_dataset(state["artifact_store_url"], corpus, "external")
+        published.update(payload)
         subject = Namespace().subject(DATASET_READY)
         await publish_with_plain_nats(state["nats_url"], subject, payload)
         return str(payload["run_id"])
@@ -166,19 +171,11 @@ async def test_plain_nats_dataset_ready_on_postgres_survives_a_trainer_kill(
         await asyncio.to_thread(embedded.stop)
 
     # The publisher sent no trace context: the run's trace is named by its event id, and the
-    # trainer's second delivery (after the kill) joins it.
+    # trainer's delivery after the kill joins it (the killed delivery's span never ended).
     spans = load_spans(Path(state["span_file"]))
     run_traces = {
         s["trace_id"]
         for s in spans
         if s.get("attributes", {}).get("tuneloop.run_id") == result.run_id
     }
-    assert len(run_traces) == 1, run_traces
-    trainer_consumes = [
-        s
-        for s in spans
-        if s["trace_id"] in run_traces
-        and s["name"] == "consume dataset.ready"
-        and s["service"] == "trainer"
-    ]
-    assert len(trainer_consumes) >= 2, trainer_consumes  # both deliveries, one trace
+    assert run_traces == {uuid.UUID(published["event_id"]).hex}, run_traces
