@@ -134,6 +134,26 @@ def extract_trace_context(headers: Mapping[str, str] | None) -> Context:
     return propagate.extract(dict(headers or {}))
 
 
+def current_traceparent() -> str | None:
+    """The current span as a W3C ``traceparent``: kept with state that outlives the handler,
+    so work done later for the same run (:func:`resume_trace`) joins its trace."""
+    return inject_trace_headers({}).get("traceparent")
+
+
+@contextmanager
+def resume_trace(
+    traceparent: str | None, name: str, attributes: Mapping[str, str] | None = None
+) -> Iterator[None]:
+    """Run the block in a span that continues the trace ``traceparent`` names (from
+    :func:`current_traceparent`); without one, the block runs as it is."""
+    if not traceparent:
+        yield
+        return
+    parent = extract_trace_context({"traceparent": traceparent})
+    with tracer("tuneloop").start_as_current_span(name, context=parent, attributes=attributes):
+        yield
+
+
 def current_trace_id() -> str | None:
     ctx = trace.get_current_span().get_span_context()
     return f"{ctx.trace_id:032x}" if ctx.is_valid else None

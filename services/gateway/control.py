@@ -34,7 +34,7 @@ from services.gateway.routing.table import Route, Upstream
 from services.gateway.settings import GatewaySettings
 from shared.db import Database, utcnow
 from shared.events import Event, RolloutChanged
-from shared.telemetry import extract_trace_context, tracer
+from shared.telemetry import resume_trace
 
 log = logging.getLogger(__name__)
 
@@ -481,13 +481,9 @@ class GatewayState:
 @contextlib.contextmanager
 def _decision_span(row: GatewayDeployment, action: str) -> Iterator[None]:
     """A live-stats decision joins the trace of the run whose evaluation started the canary."""
-    if not row.trace_parent:
-        yield
-        return
-    parent = extract_trace_context({"traceparent": row.trace_parent})
-    with tracer("tuneloop.gateway").start_as_current_span(
+    with resume_trace(
+        row.trace_parent,
         f"canary {action}",
-        context=parent,
-        attributes={"tuneloop.run_id": row.run_id, "tuneloop.deployment_id": row.deployment_id},
+        {"tuneloop.run_id": row.run_id, "tuneloop.deployment_id": row.deployment_id},
     ):
         yield

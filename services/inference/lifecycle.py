@@ -21,7 +21,7 @@ from services.inference.handlers import (
 from services.inference.models import LIVE_STATUSES, Deployment
 from services.inference.rollout import Deployer
 from shared.events import ArtifactRef, RolloutChanged
-from shared.telemetry import extract_trace_context, tracer
+from shared.telemetry import resume_trace
 
 log = logging.getLogger(__name__)
 
@@ -172,13 +172,9 @@ class Rollout(Deployer):
 def _in_run_trace(row: Deployment) -> Iterator[None]:
     """Restoring a deployment continues the trace of the run that created it (its events,
     e.g. the ModelDeployed of a start a crash interrupted, then join that run's trace)."""
-    if not row.trace_parent:
-        yield
-        return
-    parent = extract_trace_context({"traceparent": row.trace_parent})
-    with tracer("tuneloop.inference").start_as_current_span(
+    with resume_trace(
+        row.trace_parent,
         "restore deployment",
-        context=parent,
-        attributes={"tuneloop.run_id": row.run_id, "tuneloop.deployment_id": row.id},
+        {"tuneloop.run_id": row.run_id, "tuneloop.deployment_id": row.id},
     ):
         yield

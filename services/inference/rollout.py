@@ -40,7 +40,7 @@ from shared.events import (
     ModelDeployed,
 )
 from shared.storage import ArtifactCorrupted, ArtifactError, ArtifactNotFound
-from shared.telemetry import inject_trace_headers
+from shared.telemetry import current_traceparent
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class Deployer(DeploymentState):
             dedupe_key=key,
             run_id=event.run_id,
             source_event_id=str(event.event_id),
-            trace_parent=inject_trace_headers({}).get("traceparent"),
+            trace_parent=current_traceparent(),
             model_id=event.model_id,
             adapter_id=event.adapter_id,
             dataset_id=event.dataset_id,

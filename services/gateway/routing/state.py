@@ -19,15 +19,10 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from services.gateway.models import GatewayDeployment
 from shared.db import utcnow
 from shared.events import DeploymentRetired, EvaluationCompleted, ModelDeployed, RolloutChanged
-from shared.telemetry import inject_trace_headers
+from shared.telemetry import current_traceparent
 
 PRODUCER = "gateway"
 RolloutAction = Literal["canary_started", "advanced", "promoted", "rolled_back", "refused"]
-
-
-def current_traceparent() -> str | None:
-    """The handler's trace context, kept so later decisions join the same run's trace."""
-    return inject_trace_headers({}).get("traceparent")
 
 
 class UnknownDeployment(LookupError):
