@@ -19,7 +19,6 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from shared.runs import DeadLetter
 from shared.supervisor import SERVICES, Embedded, stop_from_state
 
 app = typer.Typer(
@@ -309,32 +308,16 @@ def dead_letters(
     limit: int = 50,
 ) -> None:
     """List dead-lettered messages with the reason each was given up on."""
-    import nats
+    from shared.runs import read_dead_letters
 
-    from shared.bus import DLQ_CONSUMER_HEADER, DLQ_DELIVERIES_HEADER, DLQ_REASON_HEADER
-    from shared.subjects import Namespace
-
-    ns = Namespace(prefix)
-
-    async def go() -> None:
-        nc = await nats.connect(nats_url)
-        try:
-            js = nc.jetstream()
-            info = await js.stream_info(ns.dead_letter_stream)
-            first = max(info.state.first_seq, info.state.last_seq - limit + 1)
-            if info.state.messages == 0:
-                console.print("no dead letters.")
-            for seq in range(first, info.state.last_seq + 1):
-                msg = await js.get_msg(ns.dead_letter_stream, seq)
-                h = msg.headers or {}
-                typer.echo(
-                    f"#{seq} {msg.subject} consumer={h.get(DLQ_CONSUMER_HEADER)} "
-                    f"deliveries={h.get(DLQ_DELIVERIES_HEADER)}\n    {h.get(DLQ_REASON_HEADER)}"
-                )
-        finally:
-            await nc.close()
-
-    asyncio.run(go())
+    letters = asyncio.run(read_dead_letters(nats_url, prefix, limit))
+    if not letters:
+        console.print("no dead letters.")
+    for letter in letters:
+        typer.echo(
+            f"#{letter.seq} {letter.subject} consumer={letter.consumer} "
+            f"deliveries={letter.deliveries}\n    {letter.reason}"
+        )
 
 
 @app.command()
@@ -345,7 +328,13 @@ def status(
 ) -> None:
     """Each run (dataset version) and the stage every service reached, with timings and
     failures, reconstructed from the event stream."""
-    from shared.runs import format_dead_letters, format_status, parse_stream_message, summarise_runs
+    from shared.runs import (
+        format_dead_letters,
+        format_status,
+        parse_stream_message,
+        read_dead_letters,
+        summarise_runs,
+    )
 
     messages = asyncio.run(_read_pipeline(nats_url, prefix))
     events = [e for e in (parse_stream_message(s, d, prefix) for s, d in messages) if e]
@@ -354,90 +343,22 @@ def status(
         console.print("no runs yet: publish a dataset (tuneloop ingest PATH) to start one.")
     for line in format_status(runs):
         typer.echo(line)
-    for line in format_dead_letters(asyncio.run(_read_dead_letters(nats_url, prefix))):
+    for line in format_dead_letters(asyncio.run(read_dead_letters(nats_url, prefix))):
         typer.echo(line)
 
 
-async def _read_dead_letters(nats_url: str, prefix: str, limit: int = 1000) -> list[DeadLetter]:
-    """The newest ``limit`` dead letters: consumer, run and reason of each."""
-    import nats
-    from nats.js.errors import NotFoundError
-
-    from shared.bus import DLQ_CONSUMER_HEADER, DLQ_REASON_HEADER
-    from shared.subjects import Namespace
-
-    ns = Namespace(prefix)
-    nc = await nats.connect(nats_url, connect_timeout=3, max_reconnect_attempts=1)
-    out: list[DeadLetter] = []
-    try:
-        js = nc.jetstream()
-        try:
-            info = await js.stream_info(ns.dead_letter_stream)
-        except NotFoundError:
-            return out
-        if info.state.messages == 0:
-            return out
-        for seq in range(
-            max(info.state.first_seq, info.state.last_seq - limit + 1), info.state.last_seq + 1
-        ):
-            try:
-                msg = await js.get_msg(ns.dead_letter_stream, seq)
-            except NotFoundError:
-                continue
-            headers = msg.headers or {}
-            try:
-                run_id = str(json.loads(msg.data or b"{}").get("run_id") or "?")
-            except (ValueError, AttributeError):
-                run_id = "?"
-            out.append(
-                DeadLetter(
-                    consumer=headers.get(DLQ_CONSUMER_HEADER, "?"),
-                    run_id=run_id,
-                    reason=headers.get(DLQ_REASON_HEADER, ""),
-                )
-            )
-    finally:
-        await nc.close()
-    return out
-
-
 async def _read_pipeline(nats_url: str, prefix: str) -> list[tuple[str, bytes]]:
-    import nats
-    from nats.js.api import ConsumerConfig, DeliverPolicy
+    from nats.errors import NoServersError
 
-    from shared.subjects import Namespace
+    from shared.runs import read_stream
 
-    ns = Namespace(prefix)
     try:
-        nc = await nats.connect(nats_url, connect_timeout=3, max_reconnect_attempts=1)
-    except Exception as exc:
+        return await read_stream(nats_url, prefix)
+    except (OSError, NoServersError) as exc:
         console.print(
             f"[red]cannot reach NATS at {nats_url}[/red] ({exc}); is `tuneloop up` running?"
         )
         raise typer.Exit(1) from exc
-    out: list[tuple[str, bytes]] = []
-    try:
-        js = nc.jetstream()
-        info = await js.stream_info(ns.stream)
-        if info.state.messages == 0:
-            return out
-        sub = await js.pull_subscribe(
-            ns.all_subjects,
-            stream=ns.stream,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=30),
-        )
-        while len(out) < info.state.messages:
-            try:
-                batch = await sub.fetch(256, timeout=2)
-            except (nats.errors.TimeoutError, TimeoutError):
-                break
-            for msg in batch:
-                out.append((msg.subject, msg.data))
-                await msg.ack()
-        await sub.unsubscribe()
-    finally:
-        await nc.close()
-    return out
 
 
 @app.command()

@@ -23,6 +23,7 @@ from shared.events import (
     RolloutChanged,
     StageFailed,
 )
+from shared.subjects import Namespace
 
 STAGE_ORDER = ("ingest", "trainer", "quantizer", "inference", "evaluator", "gateway")
 
@@ -166,11 +167,100 @@ def trace_tree(spans: list[dict[str, Any]], run_id: str) -> list[str]:
     return lines
 
 
+async def _quiet(exc: Exception) -> None:
+    """Connection errors surface as the exception the caller gets, not as log noise."""
+
+
+async def read_stream(nats_url: str, prefix: str) -> list[tuple[str, bytes]]:
+    """Every message of the pipeline stream, oldest first, as (subject, payload)."""
+    import nats
+    from nats.js.api import ConsumerConfig, DeliverPolicy
+
+    ns = Namespace(prefix)
+    nc = await nats.connect(nats_url, connect_timeout=3, max_reconnect_attempts=1, error_cb=_quiet)
+    out: list[tuple[str, bytes]] = []
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(ns.stream)
+        if info.state.messages == 0:
+            return out
+        sub = await js.pull_subscribe(
+            ns.all_subjects,
+            stream=ns.stream,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=30),
+        )
+        while len(out) < info.state.messages:
+            try:
+                batch = await sub.fetch(256, timeout=2)
+            except (nats.errors.TimeoutError, TimeoutError):
+                break
+            for msg in batch:
+                out.append((msg.subject, msg.data))
+                await msg.ack()
+        await sub.unsubscribe()
+    finally:
+        await nc.close()
+    return out
+
+
+async def read_events(nats_url: str, prefix: str) -> list[Event]:
+    """Every pipeline event the stream holds, oldest first (unknown messages skipped)."""
+    messages = await read_stream(nats_url, prefix)
+    return [e for e in (parse_stream_message(s, d, prefix) for s, d in messages) if e]
+
+
 @dataclass(frozen=True)
 class DeadLetter:
     consumer: str
     run_id: str
     reason: str
+    seq: int = 0
+    subject: str = ""
+    deliveries: str = "?"
+
+
+async def read_dead_letters(nats_url: str, prefix: str, limit: int = 1000) -> list[DeadLetter]:
+    """The newest ``limit`` dead letters, oldest first: where, whose, which run and why."""
+    import nats
+    from nats.js.errors import NotFoundError
+
+    from shared.bus import DLQ_CONSUMER_HEADER, DLQ_DELIVERIES_HEADER, DLQ_REASON_HEADER
+
+    ns = Namespace(prefix)
+    nc = await nats.connect(nats_url, connect_timeout=3, max_reconnect_attempts=1, error_cb=_quiet)
+    out: list[DeadLetter] = []
+    try:
+        js = nc.jetstream()
+        try:
+            info = await js.stream_info(ns.dead_letter_stream)
+        except NotFoundError:
+            return out
+        if info.state.messages == 0:
+            return out
+        first = max(info.state.first_seq, info.state.last_seq - limit + 1)
+        for seq in range(first, info.state.last_seq + 1):
+            try:
+                msg = await js.get_msg(ns.dead_letter_stream, seq)
+            except NotFoundError:
+                continue
+            headers = msg.headers or {}
+            try:
+                run_id = str(json.loads(msg.data or b"{}").get("run_id") or "?")
+            except (ValueError, AttributeError):
+                run_id = "?"
+            out.append(
+                DeadLetter(
+                    consumer=headers.get(DLQ_CONSUMER_HEADER, "?"),
+                    run_id=run_id,
+                    reason=headers.get(DLQ_REASON_HEADER, ""),
+                    seq=seq,
+                    subject=msg.subject or "",
+                    deliveries=headers.get(DLQ_DELIVERIES_HEADER, "?"),
+                )
+            )
+    finally:
+        await nc.close()
+    return out
 
 
 def format_dead_letters(letters: list[DeadLetter]) -> list[str]:
