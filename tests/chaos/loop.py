@@ -20,7 +20,6 @@ from shared import failpoints
 from shared.db import Database
 from shared.demo import DemoResult, demo_env, run_demo
 from shared.events import DatasetReady, DatasetSubmitted, Event, ModelDeployed, RolloutChanged
-from shared.runs import load_spans
 from shared.subjects import Namespace
 from shared.supervisor import Embedded
 from tests.chaos.ledger import Result
@@ -30,6 +29,7 @@ from tests.e2e.harness import (
     all_events,
     effects,
     publish_with_plain_nats,
+    run_trace_ids,
     wait_for_caused,
 )
 
@@ -196,11 +196,7 @@ async def service_crashes(home: Path, models_dir: Path) -> LoopOutcome:
         )
     finally:
         await asyncio.to_thread(embedded.stop)  # flushes the surviving processes' spans
-    outcome.run_traces = {
-        s["trace_id"]
-        for s in load_spans(Path(state["span_file"]))
-        if s.get("attributes", {}).get("tuneloop.run_id") == demo.run_id
-    }
+    outcome.run_traces = run_trace_ids(Path(state["span_file"]), demo.run_id)
     return outcome
 
 

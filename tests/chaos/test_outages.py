@@ -12,6 +12,26 @@ from tests.chaos.ledger import db_outage, poison
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 
 
+def tuneloop(command: str, world) -> str:  # type: ignore[no-untyped-def]
+    """``tuneloop COMMAND`` against the world's broker, as a user runs it."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shared.cli",
+            command,
+            "--nats-url",
+            world.nats.url,
+            "--prefix",
+            world.prefix,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+
+
 async def test_postgres_outage_under_a_running_service(nats_server, tmp_path, span_file):
     # Backoff covers the outage (0.5+1+2+2+... over 12 attempts): a shorter-lived copy of the
     # production defaults, which cover 81 s (see README).
@@ -41,41 +61,11 @@ async def test_poison_input_is_dead_lettered_and_does_not_block(make_world):
     assert result.handled == set(range(10))
     assert result.dead_letters == 2  # the crashing payload and the non-event
     assert result.duplicate_effects == 0
-    listing = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "shared.cli",
-            "dead-letters",
-            "--nats-url",
-            world.nats.url,
-            "--prefix",
-            world.prefix,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
+    listing = tuneloop("dead-letters", world)
     assert "poison payload: this handler always crashes on it" in listing
     assert "deliveries=4" in listing
     assert "schema validation failed" in listing
-    status = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "shared.cli",
-            "status",
-            "--nats-url",
-            world.nats.url,
-            "--prefix",
-            world.prefix,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
+    status = tuneloop("status", world)
     assert "dead letters: 2 (inspect with `tuneloop dead-letters`)" in status, status
 
 

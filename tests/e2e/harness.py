@@ -15,11 +15,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 import nats
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from shared.events import Event, ModelDeployed, RolloutChanged
-from shared.runs import parse_stream_message
-from shared.subjects import Namespace
+from shared.runs import load_spans, read_events
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = ROOT / ".venvs" / "vllm" / "bin" / "python"
@@ -118,28 +116,16 @@ async def publish_with_plain_nats(nats_url: str, subject: str, payload: dict[str
 
 async def all_events(nats_url: str, prefix: str = "tuneloop") -> list[Event]:
     """Every pipeline event the stream holds, in order."""
-    ns = Namespace(prefix)
-    nc = await nats.connect(nats_url, connect_timeout=10)
-    try:
-        js = nc.jetstream()
-        total = (await js.stream_info(ns.stream)).state.messages
-        sub = await js.pull_subscribe(
-            ns.all_subjects,
-            stream=ns.stream,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=30),
-        )
-        events: list[Event] = []
-        seen = 0
-        while seen < total:
-            for msg in await sub.fetch(200, timeout=5):
-                seen += 1
-                await msg.ack()
-                event = parse_stream_message(msg.subject, msg.data, prefix)
-                if event is not None:
-                    events.append(event)
-        return events
-    finally:
-        await nc.close()
+    return await read_events(nats_url, prefix)
+
+
+def run_trace_ids(span_file: Path, run_id: str) -> set[str]:
+    """The trace ids of the spans that carry ``run_id`` (one per run, crashes or not)."""
+    return {
+        s["trace_id"]
+        for s in load_spans(span_file)
+        if s.get("attributes", {}).get("tuneloop.run_id") == run_id
+    }
 
 
 async def wait_for_caused(

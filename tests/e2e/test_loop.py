@@ -24,6 +24,7 @@ from tests.e2e.harness import (
     effects,
     publish_with_plain_nats,
     run_events,
+    run_trace_ids,
     write_external_dataset,
 )
 
@@ -92,11 +93,7 @@ async def test_a_dataset_becomes_a_promoted_model_serving_through_the_gateway(
 
     # One run = one trace, across all six services.
     spans = load_spans(Path(state["span_file"]))
-    run_traces = {
-        s["trace_id"]
-        for s in spans
-        if s.get("attributes", {}).get("tuneloop.run_id") == result.run_id
-    }
+    run_traces = run_trace_ids(Path(state["span_file"]), result.run_id)
     assert len(run_traces) == 1, run_traces
     services = {s["service"] for s in spans if s["trace_id"] in run_traces}
     assert set(SERVICES) <= services, services
@@ -172,10 +169,5 @@ async def test_plain_nats_dataset_ready_on_postgres_survives_a_trainer_kill(
 
     # The publisher sent no trace context: the run's trace is named by its event id, and the
     # trainer's delivery after the kill joins it (the killed delivery's span never ended).
-    spans = load_spans(Path(state["span_file"]))
-    run_traces = {
-        s["trace_id"]
-        for s in spans
-        if s.get("attributes", {}).get("tuneloop.run_id") == result.run_id
-    }
+    run_traces = run_trace_ids(Path(state["span_file"]), result.run_id)
     assert run_traces == {uuid.UUID(published["event_id"]).hex}, run_traces
