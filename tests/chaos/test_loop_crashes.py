@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from shared.events import RolloutChanged
 from tests.chaos.loop import CRASHES, STAGE_EFFECTS, engine_death, service_crashes
 from tests.e2e.harness import VLLM_PYTHON
 
@@ -70,6 +71,7 @@ async def test_the_canary_engine_killed_under_traffic_is_rolled_back_without_cli
     print(outcome.result.row(), outcome.result.notes)
     assert outcome.killed_at is not None, f"the canary never started:\n{story}"
     assert demo.outcome == "rolled back", story
-    assert demo.last(type(demo.events[-1])).weight == 0.0
+    rollback = demo.last(RolloutChanged)
+    assert rollback.action == "rolled_back" and rollback.weight == 0.0, rollback
     # Requests the dead canary would have answered were retried on stable.
     assert demo.request_errors == 0, outcome.result.notes
