@@ -18,7 +18,7 @@ import numpy as np
 import orjson
 import xxhash
 
-from services.ingest.pipeline import dedupe, validate
+from services.ingest.pipeline import dedupe, fastpass, validate
 from services.ingest.pipeline.formats import (
     Format,
     RecordError,
@@ -48,6 +48,8 @@ class Rules:
     bands: int = 9
     rows: int = 14
     split_seed: int = 42
+    # The compiled pass for the records it can do (see fastpass.py); never changes output.
+    fast_path: bool = True
 
 
 @dataclass(frozen=True)
@@ -197,16 +199,92 @@ def process_chunk(job: ChunkJob) -> ChunkResult:
 def _process_chunk(job: ChunkJob) -> ChunkResult:
     rules = job.rules
     result = ChunkResult()
-    valid: list[_Valid] = []
-    items = split_lines(job.first_line, job.block) if job.block else job.items
+    block, first_line = job.block, job.first_line
+    items: list[tuple[int, Any]] | None = None if job.block else job.items
     if job.path:
         result.relative = True
         try:
-            items = split_lines(1, read_line_range(Path(job.path), job.start, job.end))
+            block, first_line = read_line_range(Path(job.path), job.start, job.end), 1
         except OSError as exc:
             result.rejected.append((1, "file", f"unreadable from here on: {exc}"))
             return result
-        result.lines_read = len(items)
+        items = None
+    fast = fastpass.run(job, block, items) if rules.fast_path else None
+    if fast is None:
+        if items is None:
+            items = split_lines(first_line, block)
+        result.lines_read = len(items) if job.path else 0
+        _python_records(items, job, result).finish(job, result)
+        return result
+    # The lines the fast pass was not sure about go through the Python path (the reference).
+    if items is None:
+        lines = block.split(b"\n")
+        slow = [(first_line + i, lines[i]) for i in fast.slow.tolist()]
+        fast_positions = fast.fast + first_line
+    else:
+        slow = [items[i] for i in fast.slow.tolist()]
+        fast_positions = np.asarray([p for p, _ in items], dtype=np.int64)[fast.fast]
+    result.lines_read = fast.lines_read if job.path else 0
+    reference = _python_records(slow, job, result)
+    _merge(fast, fast_positions, reference).finish(job, result)
+    return result
+
+
+@dataclass
+class Records:
+    """The kept records of a chunk, in order, as columns (what both paths produce)."""
+
+    positions: list[int] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    lines: list[bytes] = field(default_factory=list)  # output JSON lines, newline included
+    keys: list[bytes] = field(default_factory=list)  # first 8 bytes of the exact key
+    order: list[bytes] = field(default_factory=list)  # 8 bytes: split order hash
+    categories: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    input_chars: list[int] = field(default_factory=list)
+    output_chars: list[int] = field(default_factory=list)
+    texts: list[bytes] = field(default_factory=list)  # lowercased conversation (MinHash)
+    # Set instead of ``lines`` when the lines are one blob already (the fast pass).
+    blob: bytes = b""
+    line_bytes: np.ndarray | None = None
+    # Set instead of ``texts`` when the signatures are computed already (the fast pass).
+    signatures: np.ndarray | None = None
+
+    def finish(self, job: ChunkJob, result: ChunkResult) -> None:
+        """Into the chunk's result; the lines to the job's file (or back); the sketches."""
+        rules = job.rules
+        result.positions = self.positions
+        result.record_ids = self.ids
+        result.categories = self.categories
+        result.sources = self.sources
+        result.input_chars = self.input_chars
+        result.output_chars = self.output_chars
+        result.exact_keys = b"".join(self.keys)
+        result.split_order = b"".join(self.order)
+        blob = self.blob or b"".join(self.lines)
+        if job.out_path:
+            with open(job.out_path, "wb") as out:
+                out.write(blob)
+        else:
+            result.lines = blob
+        if self.line_bytes is not None:
+            result.line_bytes = self.line_bytes
+        else:
+            n = len(self.lines)
+            result.line_bytes = np.fromiter(map(len, self.lines), dtype=np.uint32, count=n)
+        sigs = self.signatures
+        if rules.near_dedupe and sigs is None and self.texts:
+            sigs = dedupe.signatures(self.texts, num_perm=rules.num_perm)
+        if rules.near_dedupe and sigs is not None and len(sigs):
+            result.band_keys = dedupe.band_keys(sigs, rules.bands, rules.rows)
+            result.signatures = sigs.astype(np.uint8)
+
+
+def _python_records(items: list[tuple[int, Any]], job: ChunkJob, result: ChunkResult) -> Records:
+    """The reference path: parse, normalise, validate, scrub, key and write each record in
+    Python. Rejections and PII counts go to ``result``; the kept records are returned."""
+    rules = job.rules
+    valid: list[_Valid] = []
     for position, raw in items:
         try:
             if isinstance(raw, bytes | bytearray) and (not raw or raw.isspace()):
@@ -241,11 +319,9 @@ def _process_chunk(job: ChunkJob) -> ChunkResult:
             turns[i]["content"] = text
         result.pii = scrubber.counts
 
-    texts: list[bytes] = []
-    keys: list[bytes] = []
-    lines: list[bytes] = []
-    order: list[bytes] = []
-    ids, categories, sources = result.record_ids, result.categories, result.sources
+    out = Records()
+    ids, categories, sources = out.ids, out.categories, out.sources
+    lines, keys, order, texts = out.lines, out.keys, out.order, out.texts
     default_category, default_source = job.domain or "general", job.source
     dumps, newline = orjson.dumps, orjson.OPT_APPEND_NEWLINE
     order_hash, seed = xxhash.xxh3_64_digest, rules.split_seed % 2**64
@@ -271,19 +347,70 @@ def _process_chunk(job: ChunkJob) -> ChunkResult:
         categories.append(category)
         sources.append(source)
         texts.append(lowered)
-    result.positions = [v[0] for v in valid]
-    result.input_chars = [v[3] for v in valid]
-    result.output_chars = [v[4] for v in valid]
-    result.exact_keys = b"".join(keys)
-    result.split_order = b"".join(order)
-    if job.out_path:
-        with open(job.out_path, "wb") as out:
-            out.write(b"".join(lines))
-    else:
-        result.lines = b"".join(lines)
-    result.line_bytes = np.fromiter(map(len, lines), dtype=np.uint32, count=len(lines))
-    if rules.near_dedupe and texts:
-        sigs = dedupe.signatures(texts, num_perm=rules.num_perm)
-        result.band_keys = dedupe.band_keys(sigs, rules.bands, rules.rows)
-        result.signatures = sigs.astype(np.uint8)
-    return result
+    out.positions = [v[0] for v in valid]
+    out.input_chars = [v[3] for v in valid]
+    out.output_chars = [v[4] for v in valid]
+    return out
+
+
+def _merge(fast: fastpass.FastColumns, positions: np.ndarray, slow: Records) -> Records:
+    """The fast pass's records and the Python path's, in the order of their positions."""
+    n_fast, n_slow = len(positions), len(slow.positions)
+    if not n_slow:
+        return Records(
+            positions=positions.tolist(),
+            ids=fast.ids,
+            keys=[fast.keys],
+            order=[fast.order],
+            categories=fast.categories,
+            sources=fast.sources,
+            input_chars=fast.input_chars.tolist(),
+            output_chars=fast.output_chars.tolist(),
+            blob=fast.blob,
+            line_bytes=fast.line_bytes,
+            signatures=fast.signatures,
+        )
+    # Where each Python-path record goes among the fast ones (positions never repeat).
+    slow_positions = np.asarray(slow.positions, dtype=np.int64)
+    at = np.searchsorted(positions, slow_positions).tolist()
+    offsets = np.zeros(n_fast + 1, dtype=np.int64)
+    np.cumsum(fast.line_bytes, out=offsets[1:])
+    blob = memoryview(fast.blob)
+    pieces: list[Any] = []
+    last = 0
+    for k, a in enumerate(at):
+        if a > last:
+            pieces.append(blob[int(offsets[last]) : int(offsets[a])])
+        pieces.append(slow.lines[k])
+        last = a
+    pieces.append(blob[int(offsets[last]) :])
+    # Fast records are rows 0..n_fast-1 of the concatenations, Python-path ones after them.
+    merged = np.argsort(np.concatenate([positions, slow_positions]), kind="stable")
+    take = merged.tolist()
+
+    def pick(a: list[Any], b: list[Any]) -> list[Any]:
+        both = a + b
+        return [both[i] for i in take]
+
+    def pick8(a: bytes, b: list[bytes]) -> list[bytes]:
+        both = np.concatenate([np.frombuffer(a, dtype="S8"), np.asarray(b, dtype="S8")])
+        return [both[merged].tobytes()]
+
+    sizes = np.fromiter(map(len, slow.lines), dtype=np.uint32, count=n_slow)
+    sigs = None
+    if fast.signatures is not None:
+        slow_sigs = dedupe.signatures(slow.texts, num_perm=fast.signatures.shape[1])
+        sigs = np.concatenate([fast.signatures, slow_sigs])[merged]
+    return Records(
+        positions=pick(positions.tolist(), slow.positions),
+        ids=pick(fast.ids, slow.ids),
+        keys=pick8(fast.keys, slow.keys),
+        order=pick8(fast.order, slow.order),
+        categories=pick(fast.categories, slow.categories),
+        sources=pick(fast.sources, slow.sources),
+        input_chars=pick(fast.input_chars.tolist(), slow.input_chars),
+        output_chars=pick(fast.output_chars.tolist(), slow.output_chars),
+        blob=b"".join(pieces),
+        line_bytes=np.concatenate([fast.line_bytes, sizes])[merged],
+        signatures=sigs,
+    )

@@ -169,7 +169,7 @@ def signatures(texts: list[bytes], *, num_perm: int, seed: int = 1) -> np.ndarra
     out = np.empty((len(texts), num_perm), dtype=np.uint32)
     start = 0
     k = np.uint64(num_perm)
-    salt = _mix(np.asarray([seed], dtype=np.uint64))[0]
+    salt = signature_salt(seed)
     while start < len(texts):
         end, size = start, 0
         while end < len(texts) and (
@@ -193,9 +193,15 @@ def signatures(texts: list[bytes], *, num_perm: int, seed: int = 1) -> np.ndarra
     return out
 
 
+def signature_salt(seed: int = 1) -> np.uint64:
+    """What every shingle hash is xored with before mixing (see :func:`signatures`)."""
+    salt: np.uint64 = _mix(np.asarray([seed], dtype=np.uint64))[0]
+    return salt
+
+
 @lru_cache(maxsize=32)
-def _probes(num_perm: int) -> np.ndarray:
-    """Probe sequence per bin: _probes(k)[t, j] = the bin an empty bin j borrows from at
+def probes(num_perm: int) -> np.ndarray:
+    """Probe sequence per bin: probes(k)[t, j] = the bin an empty bin j borrows from at
     attempt t (never j itself). Fixed, so every text borrows alike."""
     j = np.arange(num_perm, dtype=np.uint64)
     rows = []
@@ -213,9 +219,9 @@ def _densify(sig: np.ndarray, num_perm: int) -> None:
     if not len(empty_r):
         return
     source = sig.copy()  # borrow only from bins that were filled by shingles
-    probes = _probes(num_perm)
+    table = probes(num_perm)
     for t in range(_PROBE_ROUNDS):
-        value = source[empty_r, probes[t, empty_c]]
+        value = source[empty_r, table[t, empty_c]]
         got = value != _EMPTY
         sig[empty_r[got], empty_c[got]] = value[got]
         empty_r, empty_c = empty_r[~got], empty_c[~got]

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from services.ingest.pipeline import curriculum, dedupe
+from services.ingest.pipeline import curriculum, dedupe, fastpass
 from services.ingest.pipeline.chunks import ChunkJob, ChunkResult, Rules, process_chunk
 from services.ingest.pipeline.formats import (
     BLOCK_BYTES,
@@ -109,6 +109,7 @@ def rules_for(config: ProcessingConfig) -> Rules:
         bands=bands,
         rows=rows,
         split_seed=config.split_seed,
+        fast_path=fastpass.wanted(),
     )
 
 

@@ -1,0 +1,951 @@
+/* The common case of ingest's per-record work as one compiled pass over a block of JSONL.
+ *
+ * For each line of a known shape (Alpaca, OpenAI messages, ShareGPT; plain ASCII and simple
+ * escapes) it parses, normalises to the chat form, validates (turns, role order, empty turns,
+ * length bounds), prefilters error text and PII, computes the exact key, the record id, the
+ * split-order hash and writes the output line exactly as the Python path (orjson) does.
+ * Every line it is not sure about is handed back, unchanged, to the Python path (the
+ * reference): an unusual shape or key, an escape it does not decode, non-ASCII, a record that
+ * would be rejected, a possible error text, a possible PII span. The prefilters are
+ * supersets of what the Python checks act on (tests/unit/ingest/test_fastpass.py).
+ *
+ * Results come back as columns (bytes of packed integers, one blob of output lines), never
+ * as a Python object per field.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define XXH_INLINE_ALL
+#include "xxhash.h"
+
+typedef struct {
+    char *p;
+    size_t len, cap;
+} buf_t;
+
+static int buf_reserve(buf_t *b, size_t extra) {
+    if (b->len + extra <= b->cap) return 0;
+    size_t cap = b->cap ? b->cap : 4096;
+    while (cap < b->len + extra) cap *= 2;
+    char *p = realloc(b->p, cap);
+    if (!p) return -1;
+    b->p = p;
+    b->cap = cap;
+    return 0;
+}
+
+static int buf_put(buf_t *b, const void *data, size_t n) {
+    if (buf_reserve(b, n)) return -1;
+    memcpy(b->p + b->len, data, n);
+    b->len += n;
+    return 0;
+}
+
+static int buf_u32(buf_t *b, uint32_t v) { return buf_put(b, &v, 4); }
+
+
+/* Byte classes. */
+#define C_PLAIN 1   /* copied as is inside a JSON string */
+#define C_PYSPACE 2 /* str.isspace() for ASCII */
+#define C_KEYWS 4   /* removed for the exact key: b" \t\n\r\x0b\x0c" */
+#define C_JSONWS 8  /* JSON whitespace */
+#define C_RUN 16    /* [0-9 \-.()]: digit runs of PII candidates */
+#define C_DIGIT 32
+#define C_UPPER 64
+#define C_HEX 128
+#define C_MARK 256 /* '@' and ':' */
+
+static uint16_t cls[256];
+static uint8_t lower[256];
+
+static void init_classes(void) {
+    for (int c = 0; c < 256; c++) {
+        uint16_t v = 0;
+        if (c >= 0x20 && c < 0x80 && c != '"' && c != '\\') v |= C_PLAIN;
+        if ((c >= 0x09 && c <= 0x0d) || (c >= 0x1c && c <= 0x20)) v |= C_PYSPACE;
+        if (c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == 0x0b || c == 0x0c) v |= C_KEYWS;
+        if (c == ' ' || c == '\t' || c == '\n' || c == '\r') v |= C_JSONWS;
+        if ((c >= '0' && c <= '9') || c == ' ' || c == '-' || c == '.' || c == '(' || c == ')')
+            v |= C_RUN;
+        if (c >= '0' && c <= '9') v |= C_DIGIT;
+        if (c >= 'A' && c <= 'Z') v |= C_UPPER;
+        if ((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F'))
+            v |= C_HEX;
+        if (c == '@' || c == ':') v |= C_MARK;
+        cls[c] = v;
+        lower[c] = (uint8_t)((c >= 'A' && c <= 'Z') ? c + 32 : c);
+    }
+}
+
+/* ------------------------------------------------------------------ parsing */
+
+typedef struct {
+    const unsigned char *p, *end;
+} cur_t;
+
+static void skip_ws(cur_t *c) {
+    while (c->p < c->end && (cls[*c->p] & C_JSONWS)) c->p++;
+}
+
+static int hexval(unsigned char h) {
+    if (h >= '0' && h <= '9') return h - '0';
+    if (h >= 'a' && h <= 'f') return h - 'a' + 10;
+    if (h >= 'A' && h <= 'F') return h - 'A' + 10;
+    return -1;
+}
+
+/* A JSON string (c->p at the opening quote), decoded into ``out``. 0 = done, -1 = not sure
+ * (non-ASCII, an escape outside ASCII, a raw control byte, NUL, end of line), -2 = no memory. */
+static int parse_string(cur_t *c, buf_t *out) {
+    const unsigned char *p = c->p + 1, *end = c->end;
+    for (;;) {
+        const unsigned char *s = p;
+        while (p < end && (cls[*p] & C_PLAIN)) p++;
+        if (p > s && buf_put(out, s, (size_t)(p - s))) return -2;
+        if (p >= end) return -1;
+        unsigned char ch = *p;
+        if (ch == '"') {
+            c->p = p + 1;
+            return 0;
+        }
+        if (ch != '\\' || p + 1 >= end) return -1; /* raw control or non-ASCII byte */
+        char d;
+        switch (p[1]) {
+        case '"': d = '"'; break;
+        case '\\': d = '\\'; break;
+        case '/': d = '/'; break;
+        case 'b': d = '\b'; break;
+        case 'f': d = '\f'; break;
+        case 'n': d = '\n'; break;
+        case 'r': d = '\r'; break;
+        case 't': d = '\t'; break;
+        case 'u': {
+            if (p + 6 > end) return -1;
+            int v = 0;
+            for (int i = 2; i < 6; i++) {
+                int h = hexval(p[i]);
+                if (h < 0) return -1;
+                v = v * 16 + h;
+            }
+            if (v == 0 || v >= 0x80) return -1;
+            d = (char)v;
+            p += 4;
+            break;
+        }
+        default: return -1;
+        }
+        if (buf_put(out, &d, 1)) return -2;
+        p += 2;
+    }
+}
+
+/* ``null`` at c->p? */
+static int take_null(cur_t *c) {
+    if (c->end - c->p >= 4 && memcmp(c->p, "null", 4) == 0) {
+        c->p += 4;
+        return 1;
+    }
+    return 0;
+}
+
+/* A short object key (plain ASCII, no escapes) into ``key``; its length, or -1. */
+static int parse_key(cur_t *c, char *key, int cap) {
+    if (c->p >= c->end || *c->p != '"') return -1;
+    const unsigned char *p = c->p + 1;
+    int n = 0;
+    while (p < c->end && *p != '"') {
+        if (!(cls[*p] & C_PLAIN) || n >= cap - 1) return -1;
+        key[n++] = (char)*p++;
+    }
+    if (p >= c->end) return -1;
+    key[n] = 0;
+    c->p = p + 1;
+    skip_ws(c);
+    if (c->p >= c->end || *c->p != ':') return -1;
+    c->p++;
+    skip_ws(c);
+    return n;
+}
+
+/* A string field: offset/length in the arena (set when the value is a string). */
+typedef struct {
+    int seen;   /* the key was there */
+    int isstr;  /* its value was a string (else null) */
+    size_t off, len;
+} field_t;
+
+enum { R_SYSTEM = 0, R_USER = 1, R_ASSISTANT = 2 };
+static const char *ROLE_NAME[3] = {"system", "user", "assistant"};
+static const size_t ROLE_LEN[3] = {6, 4, 9};
+
+typedef struct {
+    int role;
+    size_t off, len; /* in the arena */
+} msg_t;
+
+typedef struct {
+    msg_t *m;
+    size_t n, cap;
+} msgs_t;
+
+static int msgs_push(msgs_t *ms, int role, size_t off, size_t len) {
+    if (ms->n == ms->cap) {
+        size_t cap = ms->cap ? ms->cap * 2 : 16;
+        msg_t *m = realloc(ms->m, cap * sizeof(msg_t));
+        if (!m) return -2;
+        ms->m = m;
+        ms->cap = cap;
+    }
+    ms->m[ms->n].role = role;
+    ms->m[ms->n].off = off;
+    ms->m[ms->n].len = len;
+    ms->n++;
+    return 0;
+}
+
+static int parse_str_field(cur_t *c, field_t *f, buf_t *arena, int nullable) {
+    if (f->seen) return -1; /* a duplicate key: orjson keeps the last, leave it to Python */
+    f->seen = 1;
+    if (c->p < c->end && *c->p == '"') {
+        f->off = arena->len;
+        int r = parse_string(c, arena);
+        if (r) return r;
+        f->len = arena->len - f->off;
+        f->isstr = 1;
+        return 0;
+    }
+    if (nullable && take_null(c)) return 0;
+    return -1;
+}
+
+static int speaker_role(const char *s, size_t n) {
+    char low[16];
+    if (n == 0 || n >= sizeof low) return -1;
+    for (size_t i = 0; i < n; i++) {
+        char ch = s[i];
+        low[i] = (ch >= 'A' && ch <= 'Z') ? (char)(ch + 32) : ch;
+    }
+    low[n] = 0;
+    static const struct { const char *name; int role; } T[] = {
+        {"human", R_USER}, {"user", R_USER}, {"gpt", R_ASSISTANT}, {"assistant", R_ASSISTANT},
+        {"chatgpt", R_ASSISTANT}, {"bard", R_ASSISTANT}, {"bing", R_ASSISTANT},
+        {"model", R_ASSISTANT}, {"system", R_SYSTEM},
+    };
+    for (size_t i = 0; i < sizeof T / sizeof T[0]; i++)
+        if (strcmp(low, T[i].name) == 0) return T[i].role;
+    return -1;
+}
+
+/* The messages array (c->p at '['): openai {role, content} or sharegpt {from, value}. */
+static int parse_turns(cur_t *c, int sharegpt, buf_t *arena, msgs_t *ms) {
+    c->p++;
+    skip_ws(c);
+    if (c->p < c->end && *c->p == ']') {
+        c->p++;
+        return 0;
+    }
+    for (;;) {
+        if (c->p >= c->end || *c->p != '{') return -1;
+        c->p++;
+        skip_ws(c);
+        field_t role = {0}, content = {0};
+        if (c->p < c->end && *c->p == '}') return -1; /* no role: Python rejects it */
+        for (;;) {
+            char key[16];
+            if (parse_key(c, key, sizeof key) < 0) return -1;
+            int r;
+            if (strcmp(key, sharegpt ? "from" : "role") == 0)
+                r = parse_str_field(c, &role, arena, 0);
+            else if (strcmp(key, sharegpt ? "value" : "content") == 0)
+                r = parse_str_field(c, &content, arena, 0);
+            else
+                return -1;
+            if (r) return r;
+            skip_ws(c);
+            if (c->p < c->end && *c->p == ',') {
+                c->p++;
+                skip_ws(c);
+                continue;
+            }
+            if (c->p < c->end && *c->p == '}') {
+                c->p++;
+                break;
+            }
+            return -1;
+        }
+        if (!role.isstr || !content.isstr) return -1;
+        int code;
+        const char *name = arena->p + role.off;
+        if (sharegpt) {
+            code = speaker_role(name, role.len);
+        } else {
+            code = -1;
+            for (int k = 0; k < 3; k++)
+                if (role.len == ROLE_LEN[k] && memcmp(name, ROLE_NAME[k], role.len) == 0) code = k;
+        }
+        if (code < 0) return -1;
+        int r = msgs_push(ms, code, content.off, content.len);
+        if (r) return r;
+        skip_ws(c);
+        if (c->p < c->end && *c->p == ',') {
+            c->p++;
+            skip_ws(c);
+            continue;
+        }
+        if (c->p < c->end && *c->p == ']') {
+            c->p++;
+            return 0;
+        }
+        return -1;
+    }
+}
+
+enum { F_AUTO = 0, F_ALPACA = 1, F_OPENAI = 2, F_SHAREGPT = 3 };
+
+typedef struct {
+    field_t instruction, input, output, system, category, domain, source, id;
+    int has_messages, has_conversations;
+    size_t turns_start, turns_end; /* messages parsed from this array, in ms */
+} record_t;
+
+/* ------------------------------------------------------------------ checks */
+
+static int is_pyspace_all(const char *s, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (!(cls[(unsigned char)s[i]] & C_PYSPACE)) return 0;
+    return 1;
+}
+
+/* Could the PII scrubber change anything in this text? A superset of its candidates that it
+ * can act on: '@' (email), two capitals then two digits (IBAN), two colons with at most four
+ * hex digits between them (IPv6), a run of [0-9 -.()] of at least 7 bytes holding at least 4
+ * digits (SSN, card, IPv4, phone: the digit-run candidate and the least digits any of them
+ * needs). */
+static int pii_candidate(const unsigned char *s, size_t n) {
+    size_t i = 0;
+    while (i < n) {
+        /* To the next digit, '@' or ':' (most text has few: a vectorised skip). */
+        while (i + 32 <= n) {
+            int any = 0;
+            for (size_t k = 0; k < 32; k++) {
+                unsigned char ch = s[i + k];
+                any |= ((unsigned char)(ch - '0') < 10) | (ch == '@') | (ch == ':');
+            }
+            if (any) break;
+            i += 32;
+        }
+        while (i < n && !(cls[s[i]] & (C_DIGIT | C_MARK))) i++;
+        if (i >= n) return 0;
+        if (s[i] == '@') return 1;
+        if (s[i] == ':') {
+            size_t j = i + 1;
+            while (j < n && j <= i + 4 && (cls[s[j]] & C_HEX)) j++;
+            if (j < n && s[j] == ':') return 1;
+            i++;
+            continue;
+        }
+        /* A digit: the maximal run of [0-9 -.()] around it (none of its bytes before ``i``
+         * is a digit: they were skipped above). */
+        size_t start = i;
+        while (start > 0 && (cls[s[start - 1]] & C_RUN)) start--;
+        size_t digits = 0;
+        for (; i < n && (cls[s[i]] & C_RUN); i++) {
+            if (!(cls[s[i]] & C_DIGIT)) continue;
+            digits++;
+            if (i >= 3 && (cls[s[i - 1]] & C_DIGIT) && (cls[s[i - 2]] & C_UPPER)
+                && (cls[s[i - 3]] & C_UPPER))
+                return 1; /* two capitals, two digits: an IBAN start */
+        }
+        if (i - start >= 7 && digits >= 4) return 1;
+    }
+    return 0;
+}
+
+/* Literals (lowercase) of which every match of validate.ERROR_TEXT contains at least one. */
+static const char *ERROR_LITERALS[] = {
+    "traceback (most recent call last)", "sorry", "i apologi", "as an ai language model",
+    "openai.", "limit reached", "limit exceeded", "insufficient_quota",
+    "context_length_exceeded", "invalid_request_error", "internal server error",
+    "service unavailable", "bad gateway", "gateway timeout", "error code: ", "\"error\":",
+};
+#define N_ERROR_LITERALS (sizeof ERROR_LITERALS / sizeof ERROR_LITERALS[0])
+static size_t error_len[N_ERROR_LITERALS];
+/* The first four bytes of each literal, hashed to 16 bits, as a bit set (8 KB: in cache). */
+static uint8_t error_prefix[8192];
+
+static inline unsigned prefix_hash(const unsigned char *p) {
+    uint32_t x;
+    memcpy(&x, p, 4);
+    return (x * 0x9E3779B1u) >> 16;
+}
+
+static void init_error_literals(void) {
+    for (size_t k = 0; k < N_ERROR_LITERALS; k++) {
+        const unsigned char *lit = (const unsigned char *)ERROR_LITERALS[k];
+        error_len[k] = strlen(ERROR_LITERALS[k]);
+        unsigned h = prefix_hash(lit); /* every literal has at least 5 bytes */
+        error_prefix[h >> 3] |= (uint8_t)(1u << (h & 7));
+    }
+}
+
+/* In lowercased text. */
+static int error_candidate(const char *text, size_t n) {
+    const unsigned char *s = (const unsigned char *)text;
+    for (size_t i = 0; i + 4 <= n; i++) {
+        unsigned h = prefix_hash(s + i);
+        if (__builtin_expect(!(error_prefix[h >> 3] & (1u << (h & 7))), 1)) continue;
+        for (size_t k = 0; k < N_ERROR_LITERALS; k++)
+            if (i + error_len[k] <= n && memcmp(s + i, ERROR_LITERALS[k], error_len[k]) == 0)
+                return 1;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ writing */
+
+static const char HEX[] = "0123456789abcdef";
+
+/* ``s`` as orjson writes a string (ASCII input), quotes included. */
+static int put_json_string(buf_t *b, const char *s, size_t n) {
+    if (buf_reserve(b, 6 * n + 2)) return -2;
+    char *o = b->p + b->len;
+    *o++ = '"';
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)s[i];
+        if (cls[ch] & C_PLAIN) {
+            *o++ = (char)ch;
+            continue;
+        }
+        *o++ = '\\';
+        switch (ch) {
+        case '"': *o++ = '"'; break;
+        case '\\': *o++ = '\\'; break;
+        case '\b': *o++ = 'b'; break;
+        case '\t': *o++ = 't'; break;
+        case '\n': *o++ = 'n'; break;
+        case '\f': *o++ = 'f'; break;
+        case '\r': *o++ = 'r'; break;
+        default:
+            *o++ = 'u';
+            *o++ = '0';
+            *o++ = '0';
+            *o++ = HEX[ch >> 4];
+            *o++ = HEX[ch & 15];
+        }
+    }
+    *o++ = '"';
+    b->len = (size_t)(o - b->p);
+    return 0;
+}
+
+/* A label (category, domain, source, id) usable as is: label() would return it unchanged
+ * (1..200 chars, nothing for strip() to remove). */
+static int clean_label(const char *s, size_t n) {
+    return n >= 1 && n <= 200 && !(cls[(unsigned char)s[0]] & C_PYSPACE)
+           && !(cls[(unsigned char)s[n - 1]] & C_PYSPACE);
+}
+
+/* ------------------------------------------------------------------ MinHash */
+
+/* dedupe.signatures for one text, in C, bit for bit: word hashes are polynomial hashes mod
+ * 2**32 (base 0x100000001B3 mod 2**32), words are runs of bytes > 32, shingles of three words
+ * (fewer: one shingle of all of them), each shingle salted and mixed into two of the bins
+ * (one-permutation hashing), empty bins densified along the same probe sequence. */
+#define MH_EMPTY 0xFFFFFFFFu
+static const uint64_t MH_C1 = 0x9FB21C651E98DF25ull, MH_C2 = 0xD6E8FEB86659FD93ull,
+                      MH_C3 = 0xCA5A826395121157ull;
+
+static inline uint64_t mix64(uint64_t h) {
+    h ^= h >> 33;
+    h *= 0xFF51AFD7ED558CCDull;
+    h ^= h >> 33;
+    h *= 0xC2B2AE3D27D4EB4Full;
+    h ^= h >> 29;
+    return h;
+}
+
+typedef struct {
+    int num_perm;
+    uint64_t salt;
+    const int32_t *probes; /* [rounds][num_perm] */
+    int rounds;
+} sketch_t;
+
+static inline void mh_add(const sketch_t *k, uint32_t *sig, uint64_t h) {
+    uint64_t s = h ^ k->salt;
+    for (int r = 0; r < 2; r++) {
+        s = mix64(s);
+        uint64_t bin = ((s >> 32) * (uint64_t)k->num_perm) >> 32;
+        uint32_t v = (uint32_t)s;
+        if (v < sig[bin]) sig[bin] = v;
+    }
+}
+
+static void minhash(const sketch_t *k, const unsigned char *t, size_t n, uint32_t *sig,
+                    uint32_t *source) {
+    int P = k->num_perm;
+    for (int c = 0; c < P; c++) sig[c] = MH_EMPTY;
+    uint64_t a = 0, b = 0; /* the two words before */
+    size_t words = 0, i = 0;
+    while (i < n) {
+        while (i < n && t[i] <= 32) i++;
+        if (i >= n) break;
+        uint32_t h = 0, p = 1;
+        while (i < n && t[i] > 32) {
+            h += (uint32_t)t[i] * p;
+            p *= 0x1B3u;
+            i++;
+        }
+        uint64_t w = h;
+        if (words >= 2) mh_add(k, sig, a * MH_C1 + b * MH_C2 + w * MH_C3);
+        a = b;
+        b = w;
+        words++;
+    }
+    if (words == 1) mh_add(k, sig, b * MH_C1);
+    else if (words == 2) mh_add(k, sig, a * MH_C1 + b * MH_C2);
+    if (words == 0) return;
+    memcpy(source, sig, (size_t)P * sizeof(uint32_t));
+    for (int c = 0; c < P; c++) {
+        if (source[c] != MH_EMPTY) continue;
+        int done = 0;
+        for (int r = 0; r < k->rounds && !done; r++) {
+            uint32_t v = source[k->probes[r * P + c]];
+            if (v != MH_EMPTY) sig[c] = v, done = 1;
+        }
+        for (int d = 1; d < P && !done; d++) {
+            uint32_t v = source[(c + d) % P];
+            if (v != MH_EMPTY) sig[c] = v, done = 1;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ the pass */
+
+typedef struct {
+    int fmt, trusted;
+    long min_in, max_in, min_out, max_out, max_turns;
+    int check_error, check_pii, want_sketch;
+    sketch_t sketch;
+    uint64_t seed;
+    size_t max_record;
+} rules_t;
+
+typedef struct {
+    buf_t fast, slow, lines, line_bytes, keys, order, in_chars, out_chars, sigs, source;
+    buf_t arena, joined, stripped;
+    msgs_t ms;
+    PyObject *ids, *cats, *srcs;
+} state_t;
+
+/* One line. 1 = done here (columns appended), 0 = hand to Python, -2 = no memory / error. */
+static int one_line(state_t *st, const rules_t *ru, const unsigned char *line, size_t n,
+                    PyObject *def_cat, PyObject *def_src, const char *cat_json, size_t cat_json_n,
+                    const char *src_json, size_t src_json_n) {
+    if (n > ru->max_record) return 0;
+    buf_t *arena = &st->arena;
+    arena->len = 0;
+    st->ms.n = 0;
+    record_t r;
+    memset(&r, 0, sizeof r);
+    cur_t c = {line, line + n};
+    skip_ws(&c);
+    if (c.p >= c.end || *c.p != '{') return 0;
+    c.p++;
+    skip_ws(&c);
+    if (c.p < c.end && *c.p == '}') return 0;
+    for (;;) {
+        char key[16];
+        if (parse_key(&c, key, sizeof key) < 0) return 0;
+        int res;
+        field_t *f = NULL;
+        int nullable = 1;
+        if (strcmp(key, "messages") == 0 || strcmp(key, "conversations") == 0) {
+            int sharegpt = key[0] == 'c';
+            if (r.has_messages || r.has_conversations) return 0;
+            if (sharegpt) r.has_conversations = 1; else r.has_messages = 1;
+            if (c.p >= c.end || *c.p != '[') return 0;
+            res = parse_turns(&c, sharegpt, arena, &st->ms);
+            if (res == -2) return -2;
+            if (res) return 0;
+        } else {
+            if (strcmp(key, "instruction") == 0) f = &r.instruction, nullable = 0;
+            else if (strcmp(key, "input") == 0) f = &r.input;
+            else if (strcmp(key, "output") == 0) f = &r.output, nullable = 0;
+            else if (strcmp(key, "system") == 0) f = &r.system;
+            else if (strcmp(key, "category") == 0) f = &r.category;
+            else if (strcmp(key, "domain") == 0) f = &r.domain;
+            else if (strcmp(key, "source") == 0) f = &r.source;
+            else if (strcmp(key, "id") == 0) f = &r.id;
+            else return 0;
+            res = parse_str_field(&c, f, arena, nullable);
+            if (res == -2) return -2;
+            if (res) return 0;
+        }
+        skip_ws(&c);
+        if (c.p < c.end && *c.p == ',') {
+            c.p++;
+            skip_ws(&c);
+            continue;
+        }
+        if (c.p < c.end && *c.p == '}') {
+            c.p++;
+            break;
+        }
+        return 0;
+    }
+    skip_ws(&c);
+    if (c.p != c.end) return 0;
+
+    /* The format, as detect_format/normalise decide it; any key the format ignores → Python. */
+    int fmt = ru->trusted ? F_OPENAI : ru->fmt;
+    int alpaca_keys = r.instruction.seen || r.input.seen || r.output.seen || r.system.seen;
+    if (fmt == F_AUTO) {
+        if (r.has_messages) fmt = F_OPENAI;
+        else if (r.has_conversations) fmt = F_SHAREGPT;
+        else if (r.instruction.seen && r.output.seen) fmt = F_ALPACA;
+        else return 0;
+    }
+    if (fmt == F_ALPACA) {
+        if (r.has_messages || r.has_conversations) return 0;
+        if (!r.instruction.isstr || !r.output.isstr) return 0;
+        if (r.system.isstr && r.system.len)
+            if (msgs_push(&st->ms, R_SYSTEM, r.system.off, r.system.len)) return -2;
+        if (r.input.isstr && r.input.len) {
+            size_t off = arena->len;
+            if (buf_reserve(arena, r.instruction.len + 2 + r.input.len)) return -2;
+            buf_put(arena, arena->p + r.instruction.off, r.instruction.len);
+            buf_put(arena, "\n\n", 2);
+            buf_put(arena, arena->p + r.input.off, r.input.len);
+            if (msgs_push(&st->ms, R_USER, off, arena->len - off)) return -2;
+        } else if (msgs_push(&st->ms, R_USER, r.instruction.off, r.instruction.len)) {
+            return -2;
+        }
+        if (msgs_push(&st->ms, R_ASSISTANT, r.output.off, r.output.len)) return -2;
+    } else {
+        if (alpaca_keys) return 0;
+        if (fmt == F_OPENAI ? !r.has_messages || r.has_conversations
+                            : !r.has_conversations || r.has_messages)
+            return 0;
+    }
+    msg_t *m = st->ms.m;
+    size_t nm = st->ms.n;
+    if (nm == 0) return 0;
+
+    /* Validation: anything it would reject is left to Python, which says why. */
+    if (!ru->trusted) {
+        if ((long)nm > ru->max_turns || nm < 2) return 0;
+        size_t start = m[0].role == R_SYSTEM ? 1 : 0;
+        if (nm - start < 2 || (nm - start) % 2) return 0;
+        for (size_t i = start; i < nm; i++)
+            if (m[i].role != (((i - start) % 2) ? R_ASSISTANT : R_USER)) return 0;
+    }
+    long in_chars = 0, out_chars = 0;
+    for (size_t i = 0; i < nm; i++) {
+        const char *s = arena->p + m[i].off;
+        if (m[i].len == 0 || is_pyspace_all(s, m[i].len)) return 0;
+        if (m[i].role == R_ASSISTANT) out_chars += (long)m[i].len;
+        else in_chars += (long)m[i].len;
+    }
+    if (!ru->trusted) {
+        if (in_chars < ru->min_in || in_chars > ru->max_in) return 0;
+        if (out_chars < ru->min_out || out_chars > ru->max_out) return 0;
+        if (ru->check_pii)
+            for (size_t i = 0; i < nm; i++)
+                if (pii_candidate((const unsigned char *)arena->p + m[i].off, m[i].len)) return 0;
+    }
+    /* Labels: used only when label() would return them unchanged. */
+    const field_t *cat = NULL, *src = NULL;
+    if (r.category.seen && r.category.isstr) {
+        if (!clean_label(arena->p + r.category.off, r.category.len)) return 0;
+        cat = &r.category;
+    } else if (r.domain.seen && r.domain.isstr) {
+        if (!clean_label(arena->p + r.domain.off, r.domain.len)) return 0;
+        cat = &r.domain;
+    }
+    if (r.source.seen && r.source.isstr) {
+        if (!clean_label(arena->p + r.source.off, r.source.len)) return 0;
+        src = &r.source;
+    }
+    if (ru->trusted && r.id.seen && r.id.isstr && !clean_label(arena->p + r.id.off, r.id.len))
+        return 0;
+
+    /* The conversation text (dedupe.conversation_text): "role: content" lowercased, joined by
+     * newlines; error text is looked for in the answers' part of it. */
+    buf_t *text = &st->joined;
+    text->len = 0;
+    for (size_t i = 0; i < nm; i++) {
+        if (buf_reserve(text, ROLE_LEN[m[i].role] + 3 + m[i].len)) return -2;
+        if (i) text->p[text->len++] = '\n';
+        memcpy(text->p + text->len, ROLE_NAME[m[i].role], ROLE_LEN[m[i].role]);
+        text->len += ROLE_LEN[m[i].role];
+        text->p[text->len++] = ':';
+        text->p[text->len++] = ' ';
+        const char *s = arena->p + m[i].off;
+        char *o = text->p + text->len;
+        for (size_t k = 0; k < m[i].len; k++) o[k] = (char)lower[(unsigned char)s[k]];
+        if (!ru->trusted && ru->check_error && m[i].role == R_ASSISTANT
+            && error_candidate(o, m[i].len))
+            return 0;
+        text->len += m[i].len;
+    }
+    /* Exact key: xxh3-128 of the text without whitespace. */
+    buf_t *bare = &st->stripped;
+    bare->len = 0;
+    if (buf_reserve(bare, text->len)) return -2;
+    {
+        char *o = bare->p;
+        const char *s = text->p;
+        for (size_t k = 0; k < text->len; k++) {
+            char ch = s[k];
+            *o = ch;
+            o += !(cls[(unsigned char)ch] & C_KEYWS);
+        }
+        bare->len = (size_t)(o - bare->p);
+    }
+    XXH128_canonical_t key;
+    XXH128_canonicalFromHash(&key, XXH3_128bits(bare->p, bare->len));
+
+    char idbuf[25];
+    const char *rid;
+    size_t rid_n;
+    if (ru->trusted && r.id.seen && r.id.isstr) {
+        rid = arena->p + r.id.off;
+        rid_n = r.id.len;
+    } else {
+        idbuf[0] = 'r';
+        for (int k = 0; k < 12; k++) {
+            idbuf[1 + 2 * k] = HEX[key.digest[k] >> 4];
+            idbuf[2 + 2 * k] = HEX[key.digest[k] & 15];
+        }
+        rid = idbuf;
+        rid_n = 25;
+    }
+    XXH64_canonical_t order;
+    XXH64_canonicalFromHash(&order, XXH3_64bits_withSeed(rid, rid_n, ru->seed));
+
+    /* The output line, as orjson.dumps({"id", "messages", "category", "source"}) + "\n". */
+    buf_t *out = &st->lines;
+    size_t line_start = out->len;
+    if (buf_put(out, "{\"id\":", 6) || put_json_string(out, rid, rid_n)
+        || buf_put(out, ",\"messages\":[", 13))
+        return -2;
+    for (size_t i = 0; i < nm; i++) {
+        if (i && buf_put(out, ",", 1)) return -2;
+        if (buf_put(out, "{\"role\":\"", 9) || buf_put(out, ROLE_NAME[m[i].role], ROLE_LEN[m[i].role])
+            || buf_put(out, "\",\"content\":", 12)
+            || put_json_string(out, arena->p + m[i].off, m[i].len) || buf_put(out, "}", 1))
+            return -2;
+    }
+    if (buf_put(out, "],\"category\":", 13)) return -2;
+    if (cat ? put_json_string(out, arena->p + cat->off, cat->len) : buf_put(out, cat_json, cat_json_n))
+        return -2;
+    if (buf_put(out, ",\"source\":", 10)) return -2;
+    if (src ? put_json_string(out, arena->p + src->off, src->len) : buf_put(out, src_json, src_json_n))
+        return -2;
+    if (buf_put(out, "}\n", 2)) return -2;
+
+    PyObject *o_id = PyUnicode_FromStringAndSize(rid, (Py_ssize_t)rid_n);
+    if (!o_id) return -2;
+    int bad = PyList_Append(st->ids, o_id);
+    Py_DECREF(o_id);
+    if (bad) return -2;
+    PyObject *o_cat = cat ? PyUnicode_FromStringAndSize(arena->p + cat->off, (Py_ssize_t)cat->len)
+                          : (Py_INCREF(def_cat), def_cat);
+    if (!o_cat) return -2;
+    bad = PyList_Append(st->cats, o_cat);
+    Py_DECREF(o_cat);
+    if (bad) return -2;
+    PyObject *o_src = src ? PyUnicode_FromStringAndSize(arena->p + src->off, (Py_ssize_t)src->len)
+                          : (Py_INCREF(def_src), def_src);
+    if (!o_src) return -2;
+    bad = PyList_Append(st->srcs, o_src);
+    Py_DECREF(o_src);
+    if (bad) return -2;
+
+    if (buf_u32(&st->line_bytes, (uint32_t)(out->len - line_start)) || buf_put(&st->keys, key.digest, 8)
+        || buf_put(&st->order, order.digest, 8) || buf_u32(&st->in_chars, (uint32_t)in_chars)
+        || buf_u32(&st->out_chars, (uint32_t)out_chars))
+        return -2;
+    if (ru->want_sketch) {
+        size_t bytes = (size_t)ru->sketch.num_perm * sizeof(uint32_t);
+        if (buf_reserve(&st->sigs, bytes) || buf_reserve(&st->source, bytes)) return -2;
+        minhash(&ru->sketch, (const unsigned char *)text->p, text->len,
+                (uint32_t *)(st->sigs.p + st->sigs.len), (uint32_t *)st->source.p);
+        st->sigs.len += bytes;
+    }
+    return 1;
+}
+
+static PyObject *as_bytes(buf_t *b) {
+    return PyBytes_FromStringAndSize(b->p ? b->p : "", (Py_ssize_t)b->len);
+}
+
+PyDoc_STRVAR(process_doc,
+"process(block, fmt, trusted, min_in, max_in, min_out, max_out, max_turns, check_error,\n"
+"        check_pii, seed, max_record, category, source, category_json, source_json,\n"
+"        num_perm, salt, probes)\n"
+"--\n\n"
+"The lines of a JSONL block: those done here as columns, the others' indices for Python.\n"
+"Returns (lines_read, fast, slow, lines, line_bytes, exact_keys, split_order, ids,\n"
+"categories, sources, input_chars, output_chars, signatures); fast/slow are uint32 line\n"
+"indices (blank lines are in neither), integer columns native-endian uint32; signatures\n"
+"(num_perm uint32 per record, as dedupe.signatures) when num_perm > 0; probes: int32\n"
+"[rounds, num_perm] (dedupe.probes).");
+
+/* Kept between calls (the GIL is held throughout): no page faults for fresh buffers. */
+static state_t kept;
+
+static void reset(buf_t *b) { b->len = 0; }
+
+static PyObject *process(PyObject *self, PyObject *args) {
+    Py_buffer block;
+    rules_t ru;
+    unsigned long long seed;
+    Py_ssize_t max_record;
+    PyObject *def_cat, *def_src;
+    const char *cat_json, *src_json;
+    Py_ssize_t cat_json_n, src_json_n;
+    unsigned long long salt;
+    Py_buffer probes;
+    if (!PyArg_ParseTuple(args, "y*iilllllppKnUUy#y#iKy*", &block, &ru.fmt, &ru.trusted,
+                          &ru.min_in, &ru.max_in, &ru.min_out, &ru.max_out, &ru.max_turns,
+                          &ru.check_error, &ru.check_pii, &seed, &max_record, &def_cat, &def_src,
+                          &cat_json, &cat_json_n, &src_json, &src_json_n, &ru.sketch.num_perm,
+                          &salt, &probes))
+        return NULL;
+    ru.want_sketch = ru.sketch.num_perm > 0;
+    ru.sketch.salt = (uint64_t)salt;
+    ru.sketch.probes = probes.buf;
+    ru.sketch.rounds = ru.want_sketch ? (int)(probes.len / 4 / ru.sketch.num_perm) : 0;
+    if (ru.want_sketch) {
+        const int32_t *pr = probes.buf;
+        for (Py_ssize_t i = 0; i < probes.len / 4; i++)
+            if (pr[i] < 0 || pr[i] >= ru.sketch.num_perm) {
+                PyBuffer_Release(&block);
+                PyBuffer_Release(&probes);
+                PyErr_SetString(PyExc_ValueError, "probe out of range");
+                return NULL;
+            }
+    }
+    ru.seed = (uint64_t)seed;
+    ru.max_record = (size_t)max_record;
+    state_t st = kept;
+    buf_t *all[] = {&st.fast, &st.slow, &st.lines, &st.line_bytes, &st.keys, &st.order,
+                    &st.in_chars, &st.out_chars, &st.sigs, &st.source, &st.arena,
+                    &st.joined, &st.stripped};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) reset(all[i]);
+    st.ms.n = 0;
+    PyObject *result = NULL;
+    st.ids = PyList_New(0);
+    st.cats = PyList_New(0);
+    st.srcs = PyList_New(0);
+    if (!st.ids || !st.cats || !st.srcs) goto done;
+    const unsigned char *data = block.buf, *end = data + block.len;
+    uint32_t index = 0;
+    int failed = 0;
+    while (data < end) {
+        const unsigned char *nl = memchr(data, '\n', (size_t)(end - data));
+        const unsigned char *stop = nl ? nl : end;
+        size_t n = (size_t)(stop - data);
+        size_t k = 0;
+        while (k < n && (cls[data[k]] & C_KEYWS)) k++;
+        if (k < n) { /* not blank */
+            int r = one_line(&st, &ru, data, n, def_cat, def_src, cat_json, (size_t)cat_json_n,
+                             src_json, (size_t)src_json_n);
+            if (r < 0) {
+                failed = 1;
+                break;
+            }
+            if (buf_u32(r ? &st.fast : &st.slow, index)) {
+                failed = 1;
+                break;
+            }
+        }
+        index++;
+        if (!nl) break;
+        data = nl + 1;
+    }
+    if (failed) {
+        if (!PyErr_Occurred()) PyErr_NoMemory();
+        goto done;
+    }
+    result = Py_BuildValue("(INNNNNNOOONNN)", (unsigned int)index, as_bytes(&st.fast),
+                           as_bytes(&st.slow), as_bytes(&st.lines), as_bytes(&st.line_bytes),
+                           as_bytes(&st.keys), as_bytes(&st.order), st.ids, st.cats, st.srcs,
+                           as_bytes(&st.in_chars), as_bytes(&st.out_chars), as_bytes(&st.sigs));
+done:
+    Py_XDECREF(st.ids);
+    Py_XDECREF(st.cats);
+    Py_XDECREF(st.srcs);
+    st.ids = st.cats = st.srcs = NULL;
+    kept = st;
+    PyBuffer_Release(&block);
+    PyBuffer_Release(&probes);
+    return result;
+}
+
+PyDoc_STRVAR(pii_doc, "pii_candidate(text: bytes) -> bool: the PII prefilter, for tests.");
+
+static PyObject *py_pii_candidate(PyObject *self, PyObject *arg) {
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE)) return NULL;
+    int r = pii_candidate(b.buf, (size_t)b.len);
+    PyBuffer_Release(&b);
+    return PyBool_FromLong(r);
+}
+
+PyDoc_STRVAR(error_doc, "error_candidate(text: bytes) -> bool: the error-text prefilter "
+                        "(on lowercased text), for tests.");
+
+static PyObject *py_error_candidate(PyObject *self, PyObject *arg) {
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE)) return NULL;
+    int r = error_candidate(b.buf, (size_t)b.len);
+    PyBuffer_Release(&b);
+    return PyBool_FromLong(r);
+}
+
+PyDoc_STRVAR(sig_doc, "signature(text: bytes, num_perm, salt, probes) -> bytes: one MinHash "
+                      "signature (num_perm uint32), for tests.");
+
+static PyObject *py_signature(PyObject *self, PyObject *args) {
+    Py_buffer t, probes;
+    sketch_t k;
+    unsigned long long salt;
+    if (!PyArg_ParseTuple(args, "y*iKy*", &t, &k.num_perm, &salt, &probes)) return NULL;
+    k.salt = (uint64_t)salt;
+    k.probes = probes.buf;
+    k.rounds = k.num_perm > 0 ? (int)(probes.len / 4 / k.num_perm) : 0;
+    PyObject *out = NULL;
+    uint32_t *src = malloc((size_t)(k.num_perm > 0 ? k.num_perm : 1) * 4);
+    if (k.num_perm > 0 && src) {
+        out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)k.num_perm * 4);
+        if (out) minhash(&k, t.buf, (size_t)t.len, (uint32_t *)PyBytes_AS_STRING(out), src);
+    } else {
+        PyErr_SetString(PyExc_ValueError, "num_perm must be > 0");
+    }
+    free(src);
+    PyBuffer_Release(&t);
+    PyBuffer_Release(&probes);
+    return out;
+}
+
+static PyMethodDef methods[] = {
+    {"signature", py_signature, METH_VARARGS, sig_doc},
+    {"process", process, METH_VARARGS, process_doc},
+    {"pii_candidate", py_pii_candidate, METH_O, pii_doc},
+    {"error_candidate", py_error_candidate, METH_O, error_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastpass",
+                                    "ingest's per-record fast path (see chunks.py)", -1, methods};
+
+PyMODINIT_FUNC PyInit__fastpass(void) {
+    init_classes();
+    init_error_literals();
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,145 @@
+"""The compiled fast path of the per-record work (``services/ingest/_fastpass.c``).
+
+One C pass over a chunk's bytes does, for every line of a known shape, what the Python path
+does (parse, normalise, validate, exact key, id, split order, output line) and hands every
+line it is not sure about back to the Python path, which stays the reference: records with a
+possible PII span or error text, that would be rejected, with non-ASCII text, unusual keys or
+escapes. Output is byte for byte the same either way (tests/unit/ingest/test_fastpass.py).
+
+Off when the extension was not built (no compiler at install time: ingest logs it once and
+runs the Python path) or when ``INGEST_FAST_PATH=0``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import orjson
+
+from services.ingest.pipeline import dedupe, formats
+
+if TYPE_CHECKING:
+    from services.ingest.pipeline.chunks import ChunkJob
+
+log = logging.getLogger(__name__)
+
+_FORMAT_CODES = {None: 0, "alpaca": 1, "openai": 2, "sharegpt": 3}
+
+native: ModuleType | None
+try:
+    native = importlib.import_module("services.ingest._fastpass")
+    _IMPORT_ERROR = ""
+except ImportError as exc:  # not built (no compiler when installed): the Python path only
+    native = None
+    _IMPORT_ERROR = str(exc)
+
+_logged = False
+
+
+def wanted() -> bool:
+    """Use the fast path? False when ``INGEST_FAST_PATH`` is 0/false/no/off or the extension
+    is not there (said once in the log, with why)."""
+    global _logged
+    if os.environ.get("INGEST_FAST_PATH", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if native is None:
+        if not _logged:
+            _logged = True
+            log.warning(
+                "ingest fast path off (extension not built: %s); using the Python path",
+                _IMPORT_ERROR,
+            )
+        return False
+    return True
+
+
+@dataclass
+class FastColumns:
+    """What the C pass did with a chunk: the records it finished (indices into the chunk's
+    lines, ``fast``) as columns, and the indices it left to Python (``slow``)."""
+
+    lines_read: int
+    fast: np.ndarray  # int64 line indices, ascending
+    slow: np.ndarray
+    blob: bytes  # the output lines of the fast records, one after the other
+    line_bytes: np.ndarray  # uint32
+    keys: bytes  # 8 bytes per record
+    order: bytes  # 8 bytes per record
+    ids: list[str]
+    categories: list[str]
+    sources: list[str]
+    input_chars: np.ndarray  # uint32
+    output_chars: np.ndarray
+    signatures: np.ndarray | None  # (records, num_perm) uint32, as dedupe.signatures
+
+
+def run(job: ChunkJob, block: bytes, items: list[tuple[int, Any]] | None) -> FastColumns | None:
+    """The C pass over a JSONL block, or over a JSON array's items (as bytes, one per
+    line); None when it cannot take this chunk (the Python path does all of it)."""
+    if native is None:
+        return None
+    if items is not None:
+        raws = [raw for _, raw in items]
+        if not all(type(raw) is bytes and b"\n" not in raw for raw in raws):
+            return None
+        block = b"\n".join(raws)
+    rules = job.rules
+    category = job.domain or "general"
+    try:
+        category_json, source_json = orjson.dumps(category), orjson.dumps(job.source)
+    except TypeError:
+        return None
+    out = native.process(
+        block,
+        _FORMAT_CODES.get(job.format, 0),
+        int(job.trusted),
+        rules.min_input_chars,
+        rules.max_input_chars,
+        rules.min_output_chars,
+        rules.max_output_chars,
+        rules.max_turns,
+        rules.reject_error_text,
+        rules.scrub_pii,
+        rules.split_seed % 2**64,
+        formats.MAX_RECORD_BYTES,
+        category,
+        job.source,
+        category_json,
+        source_json,
+        *(sketch_args(rules.num_perm) if rules.near_dedupe else (0, 0, b"")),
+    )
+    (lines_read, fast, slow, blob, line_bytes, keys, order, ids, cats, srcs, ins, outs, sigs) = out
+    return FastColumns(
+        lines_read=lines_read,
+        fast=np.frombuffer(fast, dtype=np.uint32).astype(np.int64),
+        slow=np.frombuffer(slow, dtype=np.uint32).astype(np.int64),
+        blob=blob,
+        line_bytes=np.frombuffer(line_bytes, dtype=np.uint32),
+        keys=keys,
+        order=order,
+        ids=ids,
+        categories=cats,
+        sources=srcs,
+        input_chars=np.frombuffer(ins, dtype=np.uint32),
+        output_chars=np.frombuffer(outs, dtype=np.uint32),
+        signatures=(
+            np.frombuffer(sigs, dtype=np.uint32).reshape(-1, rules.num_perm)
+            if rules.near_dedupe
+            else None
+        ),
+    )
+
+
+@functools.cache
+def sketch_args(num_perm: int) -> tuple[int, int, bytes]:
+    """(num_perm, salt, probe table) for the C MinHash, from dedupe's own definitions."""
+    salt = int(dedupe.signature_salt())
+    probes = dedupe.probes(num_perm).astype(np.int32).tobytes()
+    return num_perm, salt, probes
