@@ -28,7 +28,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 from uuid import UUID
@@ -58,6 +58,7 @@ from opentelemetry.trace import (
 from pydantic import ValidationError
 
 from shared import failpoints
+from shared.aio import cancel_and_wait
 from shared.events import Event
 from shared.subjects import Namespace
 from shared.telemetry import extract_trace_context, inject_trace_headers, log_context, tracer
@@ -151,9 +152,7 @@ class Delivery:
         try:
             yield
         finally:
-            task.cancel()
-            with suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
     async def _beat(self, period: float) -> None:
         while True:

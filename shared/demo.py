@@ -13,7 +13,6 @@ refuses a model that does not).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import random
@@ -27,6 +26,7 @@ import httpx
 import nats
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from shared.aio import wait_set
 from shared.events import (
     AdapterQuantized,
     DatasetReady,
@@ -332,8 +332,7 @@ async def supervise(
         for note in await asyncio.to_thread(embedded.supervise_once):
             notes.append(note)
             say(f"supervisor: {note}")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 0.5)
+        await wait_set(stop, 0.5)
 
 
 def remote_state(*, gateway_url: str, ingest_url: str, nats_url: str, home: Path) -> dict[str, Any]:

@@ -13,7 +13,6 @@ the same transaction as the effect; a redelivered event finds its key and does n
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from datetime import datetime
@@ -25,6 +24,7 @@ from sqlmodel import Field, SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from shared import failpoints
+from shared.aio import cancel_and_wait, wait_set
 from shared.bus import EVENT_TYPE_HEADER, EventBus, PublishError
 from shared.db import Database, UTCDateTime, utcnow
 from shared.events import Event
@@ -114,11 +114,8 @@ class OutboxRelay:
         self._task = asyncio.create_task(self._run(), name=f"outbox-relay-{self.service}")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         while True:
@@ -129,8 +126,7 @@ class OutboxRelay:
                 published = 0
             if published:
                 continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval_s)
+            await wait_set(self._wake, self.poll_interval_s)
             self._wake.clear()
 
     async def pending(self) -> int:

@@ -7,7 +7,10 @@ other's messages or rows.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,6 +23,49 @@ from shared.db import Database
 from shared.embedded import EmbeddedPostgres, GcsEmulator, NatsServer
 
 os.environ.setdefault("TUNELOOP_LOG_LEVEL", "INFO")
+
+
+def _timeout_of(item: pytest.Item) -> float:
+    try:
+        from pytest_timeout import _get_item_settings
+
+        return float(_get_item_settings(item).timeout or 0)
+    except Exception:  # another pytest-timeout version: no early cancel, the timeout still holds
+        return 0.0
+
+
+@pytest_asyncio.fixture(autouse=True)
+async def _cancel_a_stuck_async_test(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """Cancel an async test a little before pytest-timeout would kill it.
+
+    pytest-timeout can only show the event loop waiting in ``select()``; a cancelled task
+    fails with the chain of awaits it was stuck in, which is what one needs to fix a hang."""
+    timeout = _timeout_of(request.node)
+    function = getattr(request, "function", None)
+    if timeout <= 0 or function is None or not inspect.iscoroutinefunction(function):
+        yield
+        return
+    loop = asyncio.get_running_loop()
+
+    def cancel() -> None:
+        tasks = asyncio.all_tasks(loop)
+        print(f"\n{len(tasks)} tasks on the loop:", *tasks, sep="\n  ", file=sys.stderr)
+        for task in tasks:
+            if getattr(task.get_coro(), "cr_code", None) is function.__code__:
+                print(
+                    f"\n{request.node.nodeid}: still running after {after:.0f}s; cancelling "
+                    "it to show where it is stuck",
+                    file=sys.stderr,
+                )
+                task.print_stack(file=sys.stderr)
+                task.cancel(f"stuck for {after:.0f}s (pytest-timeout is {timeout:.0f}s)")
+
+    after = timeout - min(30.0, timeout * 0.1)
+    handle = loop.call_later(after, cancel)
+    try:
+        yield
+    finally:
+        handle.cancel()
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ worker parses the response, charges the key's tokens, scrubs PII and writes batc
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from sqlmodel import col
 
 from services.gateway.models import GatewayFeedback
 from services.gateway.pii import scrub
+from shared.aio import cancel_and_wait
 from shared.db import Database, utcnow
 from shared.interactions import Interaction
 
@@ -206,9 +206,7 @@ class CaptureSink:
         if self._task is None:
             return
         self.stopped = True
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await cancel_and_wait(self._task)
         self._task = None
         if self._writing is not None:
             await self._writing  # the batch in flight completes (its errors are logged)

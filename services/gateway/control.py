@@ -32,6 +32,7 @@ from services.gateway.routing.policy import Decision, Slo, decide
 from services.gateway.routing.stats import LiveStats, WindowStats, merge
 from services.gateway.routing.table import Route, Upstream
 from services.gateway.settings import GatewaySettings
+from shared.aio import cancel_and_wait, wait_set
 from shared.db import Database, utcnow
 from shared.events import Event, RolloutChanged
 from shared.telemetry import resume_trace
@@ -164,11 +165,7 @@ class GatewayState:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks)
         self._tasks = []
         await self.capture.stop()
         try:
@@ -185,8 +182,7 @@ class GatewayState:
             except Exception:
                 log.exception("%s failed; retrying", getattr(step, "__name__", step))
             if wakeable:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), interval)
+                await wait_set(self._wake, interval)
                 self._wake.clear()
             else:
                 await asyncio.sleep(interval)

@@ -12,7 +12,6 @@ the upstream request.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import random
@@ -37,6 +36,7 @@ from services.gateway.inputs import (
 )
 from services.gateway.keys import KeyInfo
 from services.gateway.routing.table import Choice, Upstream, choose, user_hash
+from shared.aio import wait_set
 
 log = logging.getLogger(__name__)
 
@@ -260,8 +260,7 @@ class ProxyApp:
         then cancel the rest. Returns how many were cancelled."""
         self.closing = True
         if self._active:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), grace_s)
+            await wait_set(self._idle, grace_s)
         late = list(self._active)
         for task in late:
             task.cancel()

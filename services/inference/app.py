@@ -6,7 +6,6 @@ python -m services.inference.app        (HTTP port from INFERENCE_HTTP_PORT)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -18,6 +17,7 @@ from services.inference.engines.local import LocalEngines
 from services.inference.lifecycle import Rollout
 from services.inference.settings import InferenceSettings
 from services.inference.state import describe
+from shared.aio import cancel_and_wait
 from shared.bus import Delivery
 from shared.events import AdapterQuantized, RolloutChanged
 from shared.service import ServiceRuntime, run_service
@@ -123,11 +123,7 @@ class InferenceRuntime(ServiceRuntime):
                 log.exception("engine watch failed")
 
     async def _cancel_tasks(self) -> None:
-        for task in (self._baseline_task, self._watch_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await cancel_and_wait(self._baseline_task, self._watch_task)
         self._baseline_task = self._watch_task = None
 
     async def wait_baseline(self) -> None:

@@ -7,7 +7,6 @@ wired to a :class:`~shared.service.ServiceRuntime`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import multiprocessing
 import os
@@ -33,6 +32,7 @@ from services.ingest.handlers import (
 from services.ingest.pipeline.chunks import ChunkJob, Rules, process_chunk
 from services.ingest.pipeline.formats import FORMATS, SourceFile
 from services.ingest.settings import IngestSettings
+from shared.aio import cancel_and_wait
 from shared.bus import Delivery
 from shared.events import DatasetSubmitted, TrainingSpec
 from shared.service import ServiceRuntime, run_service
@@ -271,10 +271,7 @@ async def serve() -> None:
     try:
         await run_service(runtime, host=settings.http_host, port=settings.http_port)
     finally:
-        if task:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         if executor:
             executor.shutdown(cancel_futures=True)
 

@@ -37,6 +37,7 @@ from services.trainer.training.data import (
 )
 from services.trainer.training.runner import Outcome, run_worker
 from shared import failpoints
+from shared.aio import cancel_and_wait
 from shared.basemodels import resolve_base_model
 from shared.bus import PermanentError
 from shared.db import utcnow
@@ -421,9 +422,7 @@ async def _train(
     try:
         outcome = await run(spec, on_progress=on_progress, should_stop=should_stop, env=env)
     finally:
-        beater.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await beater
+        await cancel_and_wait(beater)
     log.info(
         "training %s ended %s after %.1fs",
         plan.adapter_id,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -117,3 +118,20 @@ async def test_tuneloop_up_starts_infrastructure_and_down_stops_it(tmp_path):
             up.send_signal(signal.SIGKILL)
     _, err = up.communicate()
     assert "tuneloop is up" in err.decode()
+
+
+@pytest.mark.timeout(120)
+async def test_stop_right_after_a_commit_always_returns(nats_server, prefix, tmp_path):
+    """Regression: the outbox relay's stop() hung about once in 20-80 stops that came right
+    after a commit (a cancellation swallowed under the relay's loop; CI hung 15 min on it)."""
+    common = CommonSettings(home=tmp_path, nats_url=nats_server.url, subject_prefix=prefix)
+    for i in range(40):
+        runtime = ServiceRuntime("ingest", common)
+        await runtime.start()
+        async with runtime.transaction() as session:
+            runtime.emit(
+                session,
+                DatasetRejected(run_id=f"run-{i}", producer="test", reason="r", dataset_name="d"),
+            )
+        async with asyncio.timeout(30):
+            await runtime.stop()

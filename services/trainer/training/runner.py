@@ -22,6 +22,7 @@ from services.trainer.training.worker import (
     PROGRESS_PREFIX,
     STOP_FILE,
 )
+from shared.aio import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +105,7 @@ async def run_worker(
         await proc.wait()
         raise
     finally:
-        if watcher is not None:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+        await cancel_and_wait(watcher)
     return await asyncio.to_thread(_outcome, work, code, log_path)
 
 
