@@ -2,13 +2,17 @@
 PII and broken lines) through the full pipeline (parse → validate → scrub → dedupe → split →
 write), with near-duplicate detection on and off; then where the time goes, per stage.
 
-    .venv/bin/python bench/ingest.py [--workers N] [--records-scale 1.0]
+    .venv/bin/python bench/ingest.py [--workers N] [--scale 1.0] [--path fast|python|both]
+
+``--path``: the compiled fast path (services/ingest/_fastpass.c, the default when built), the
+Python path only (INGEST_FAST_PATH=0), or both, one after the other.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gzip
 import multiprocessing
 import os
@@ -21,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from services.ingest.pipeline import chunks, dedupe, formats, validate
+from services.ingest.pipeline import chunks, dedupe, fastpass, formats, validate
 from services.ingest.pipeline.formats import SourceFile
 from services.ingest.pipeline.pii import PiiScrubber
 from services.ingest.pipeline.run import CHUNK_RECORDS, Pipeline, rules_for
@@ -202,7 +206,9 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def run_once(sources: list[SourceFile], config: ProcessingConfig, executor, workers: int):
+def run_once(
+    sources: list[SourceFile], config: ProcessingConfig, executor, workers: int, fast: bool
+):
     """Wall seconds, and CPU seconds of the main process and of the workers (the CPU time
     does not depend on how loaded the machine is)."""
     worker_pids = list(executor._processes) if executor else []
@@ -210,6 +216,7 @@ def run_once(sources: list[SourceFile], config: ProcessingConfig, executor, work
         pipe = Pipeline(
             config, dataset_name="bench", executor=executor, max_in_flight=2 * workers + 1
         )
+        pipe.rules = dataclasses.replace(pipe.rules, fast_path=fast)
         main0, work0 = time.process_time(), _cpu_seconds(worker_pids)
         t0 = time.perf_counter()
         out = pipe.run(sources, workdir=Path(tmp))
@@ -301,6 +308,22 @@ def stage_costs(sources: list[SourceFile], config: ProcessingConfig) -> list[tup
             index.index(keys[fresh].ravel(), np.repeat(rows[fresh], keys.shape[1]))
 
         timed("LSH bands + lookups", lsh)
+    # The whole per-record work of a chunk (what a worker does), both ways.
+    for fast in (False, True):
+        name = f"all of it per chunk, {'fast path (C)' if fast else 'Python path'}"
+        for lo in range(0, n, CHUNK_RECORDS):
+            lines = [raw.rstrip(b"\n") for raw in items[lo : lo + CHUNK_RECORDS]]
+            job = chunks.ChunkJob(
+                items=[],
+                block=b"\n".join(lines) + b"\n",
+                first_line=1,
+                format=None,
+                domain="bench",
+                source="bench",
+                trusted=False,
+                rules=dataclasses.replace(rules, fast_path=fast),
+            )
+            timed(name, lambda job=job: chunks.process_chunk(job))
     return [(name, n / secs if secs else float("inf")) for name, secs in cost.items()]
 
 
@@ -330,6 +353,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--path", choices=("fast", "python", "both"), default="both")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         sources, total = make_corpus(Path(tmp), args.scale)
@@ -345,33 +369,47 @@ def main() -> None:
             f"\n{'mode':<28}{'workers':>8}{'best s':>9}{'records/s':>12}{'kept':>8}"
             f"{'exact':>7}{'near':>6}"
         )
+        paths = {"fast": [True], "python": [False], "both": [True, False]}[args.path]
+        if True in paths and not fastpass.wanted():
+            raise SystemExit("the fast path is not built (pip install -e .) or INGEST_FAST_PATH=0")
+        ids: dict[tuple[bool, bool], str | None] = {}
         for near in (True, False):
-            config = ProcessingConfig(near_dedupe=near)
-            runs = [run_once(sources, config, executor, args.workers) for _ in range(args.repeat)]
-            wall, _, _, out = min(runs, key=lambda r: r[0])
-            # CPU time from the run that used least of it: on a shared machine, contention
-            # (caches, SMT siblings) inflates CPU time too, if less than wall time.
-            _, main_cpu, worker_cpu, _ = min(runs, key=lambda r: r[1] + r[2])
-            d = out.report["dedupe"]
-            # On idle cores a run needs at least its CPU time spread over the cores, and at
-            # least the main process's own (reading and deciding are sequential).
-            cores = os.cpu_count() or 1
-            idle = max(main_cpu, (main_cpu + worker_cpu) / cores) if executor else main_cpu
-            print(
-                f"{'near-dedupe ' + ('on' if near else 'off'):<28}{args.workers:>8}"
-                f"{wall:>9.3f}{total / wall:>12,.0f}{out.kept:>8}{d['exact']:>7}{d['near']:>6}"
-            )
-            print(
-                f"    CPU: main {main_cpu:.2f} s, workers {worker_cpu:.2f} s "
-                f"= {1e6 * (main_cpu + worker_cpu) / total:.1f} µs per record "
-                f"({1e6 * main_cpu / total:.1f} main + {1e6 * worker_cpu / total:.1f} workers) "
-                f"→ {total / (main_cpu + worker_cpu):,.0f} records per CPU-second; "
-                f"on {cores} idle cores ≈ {total / idle:,.0f} records/s"
-            )
-            print(
-                "    main process (wall s): "
-                + ", ".join(f"{k}={v}" for k, v in out.report["seconds"].items())
-            )
+            for fast in paths:
+                config = ProcessingConfig(near_dedupe=near)
+                runs = [
+                    run_once(sources, config, executor, args.workers, fast)
+                    for _ in range(args.repeat)
+                ]
+                wall, _, _, out = min(runs, key=lambda r: r[0])
+                ids[near, fast] = out.dataset_id
+                # CPU time from the run that used least of it: on a shared machine, contention
+                # (caches, SMT siblings) inflates CPU time too, if less than wall time.
+                _, main_cpu, worker_cpu, _ = min(runs, key=lambda r: r[1] + r[2])
+                d = out.report["dedupe"]
+                # On idle cores a run needs at least its CPU time spread over the cores, and
+                # at least the main process's own (reading and deciding are sequential).
+                cores = os.cpu_count() or 1
+                idle = max(main_cpu, (main_cpu + worker_cpu) / cores) if executor else main_cpu
+                mode = f"near-dedupe {'on' if near else 'off'}, {'fast' if fast else 'python'}"
+                print(
+                    f"{mode:<28}{args.workers:>8}{wall:>9.3f}{total / wall:>12,.0f}"
+                    f"{out.kept:>8}{d['exact']:>7}{d['near']:>6}"
+                )
+                print(
+                    f"    CPU: main {main_cpu:.2f} s, workers {worker_cpu:.2f} s "
+                    f"= {1e6 * (main_cpu + worker_cpu) / total:.1f} µs per record "
+                    f"({1e6 * main_cpu / total:.1f} main + {1e6 * worker_cpu / total:.1f} "
+                    f"workers) → {total / (main_cpu + worker_cpu):,.0f} records per CPU-second; "
+                    f"on {cores} idle cores ≈ {total / idle:,.0f} records/s "
+                    f"(load {os.getloadavg()[0]:.1f})"
+                )
+                print(
+                    "    main process (wall s): "
+                    + ", ".join(f"{k}={v}" for k, v in out.report["seconds"].items())
+                )
+            if len(paths) == 2:
+                same = ids[near, True] == ids[near, False]
+                print(f"    same dataset id both ways: {same}")
         if executor:
             executor.shutdown()
         small_dir = Path(tmp) / "small"

@@ -534,7 +534,7 @@ typedef struct {
 } rules_t;
 
 typedef struct {
-    buf_t fast, slow, lines, line_bytes, keys, order, in_chars, out_chars, sigs, source;
+    buf_t fast, slow, slow_spans, lines, line_bytes, keys, order, in_chars, out_chars, sigs, source;
     buf_t arena, joined, stripped;
     msgs_t ms;
     PyObject *ids, *cats, *srcs;
@@ -789,9 +789,10 @@ PyDoc_STRVAR(process_doc,
 "        num_perm, salt, probes)\n"
 "--\n\n"
 "The lines of a JSONL block: those done here as columns, the others' indices for Python.\n"
-"Returns (lines_read, fast, slow, lines, line_bytes, exact_keys, split_order, ids,\n"
+"Returns (lines_read, fast, slow, slow_spans, lines, line_bytes, exact_keys, split_order, ids,\n"
 "categories, sources, input_chars, output_chars, signatures); fast/slow are uint32 line\n"
-"indices (blank lines are in neither), integer columns native-endian uint32; signatures\n"
+"indices (blank lines are in neither), slow_spans uint64 (start, end) byte offsets of the slow\n"
+"lines, integer columns native-endian uint32; signatures\n"
 "(num_perm uint32 per record, as dedupe.signatures) when num_perm > 0; probes: int32\n"
 "[rounds, num_perm] (dedupe.probes).");
 
@@ -833,7 +834,7 @@ static PyObject *process(PyObject *self, PyObject *args) {
     ru.seed = (uint64_t)seed;
     ru.max_record = (size_t)max_record;
     state_t st = kept;
-    buf_t *all[] = {&st.fast, &st.slow, &st.lines, &st.line_bytes, &st.keys, &st.order,
+    buf_t *all[] = {&st.fast, &st.slow, &st.slow_spans, &st.lines, &st.line_bytes, &st.keys, &st.order,
                     &st.in_chars, &st.out_chars, &st.sigs, &st.source, &st.arena,
                     &st.joined, &st.stripped};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) reset(all[i]);
@@ -863,6 +864,14 @@ static PyObject *process(PyObject *self, PyObject *args) {
                 failed = 1;
                 break;
             }
+            if (!r) {
+                uint64_t span[2] = {(uint64_t)(data - (const unsigned char *)block.buf),
+                                    (uint64_t)(stop - (const unsigned char *)block.buf)};
+                if (buf_put(&st.slow_spans, span, sizeof span)) {
+                    failed = 1;
+                    break;
+                }
+            }
         }
         index++;
         if (!nl) break;
@@ -872,8 +881,8 @@ static PyObject *process(PyObject *self, PyObject *args) {
         if (!PyErr_Occurred()) PyErr_NoMemory();
         goto done;
     }
-    result = Py_BuildValue("(INNNNNNOOONNN)", (unsigned int)index, as_bytes(&st.fast),
-                           as_bytes(&st.slow), as_bytes(&st.lines), as_bytes(&st.line_bytes),
+    result = Py_BuildValue("(INNNNNNNOOONNN)", (unsigned int)index, as_bytes(&st.fast),
+                           as_bytes(&st.slow), as_bytes(&st.slow_spans), as_bytes(&st.lines), as_bytes(&st.line_bytes),
                            as_bytes(&st.keys), as_bytes(&st.order), st.ids, st.cats, st.srcs,
                            as_bytes(&st.in_chars), as_bytes(&st.out_chars), as_bytes(&st.sigs));
 done:
@@ -933,7 +942,98 @@ static PyObject *py_signature(PyObject *self, PyObject *args) {
     return out;
 }
 
+/* dedupe.KeyIndex's table: open addressing, linear probing, home slot (key * FIB) >> shift,
+ * value -1 = empty. Inserted keys are distinct and absent (the caller's contract), so the
+ * map is the same as the vectorised inserts make, slot for slot or not. */
+static const uint64_t FIB = 0x9E3779B97F4A7C15ull;
+
+static int table_buffers(PyObject *tk, PyObject *tv, Py_buffer *bk, Py_buffer *bv) {
+    if (PyObject_GetBuffer(tk, bk, PyBUF_WRITABLE)) return -1;
+    if (PyObject_GetBuffer(tv, bv, PyBUF_WRITABLE)) {
+        PyBuffer_Release(bk);
+        return -1;
+    }
+    size_t slots = (size_t)bk->len / 8;
+    if ((size_t)bv->len / 8 != slots || slots == 0 || (slots & (slots - 1))) {
+        PyBuffer_Release(bk);
+        PyBuffer_Release(bv);
+        PyErr_SetString(PyExc_ValueError, "table: two arrays of the same power-of-two size");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_table_insert(PyObject *self, PyObject *args) {
+    Py_buffer keys, values, bk, bv;
+    PyObject *tk, *tv;
+    int shift;
+    if (!PyArg_ParseTuple(args, "y*y*OOi", &keys, &values, &tk, &tv, &shift)) return NULL;
+    PyObject *result = NULL;
+    if (keys.len / 8 != values.len / 8 || shift < 1 || shift > 63) {
+        PyErr_SetString(PyExc_ValueError, "table_insert: bad arguments");
+    } else if (table_buffers(tk, tv, &bk, &bv) == 0) {
+        const uint64_t *k = keys.buf;
+        const int64_t *v = values.buf;
+        uint64_t *tkeys = bk.buf;
+        int64_t *tvalues = bv.buf;
+        size_t mask = (size_t)bk.len / 8 - 1, n = (size_t)keys.len / 8;
+        int full = 0;
+        for (size_t i = 0; i < n && !full; i++) {
+            size_t slot = (size_t)((k[i] * FIB) >> shift) & mask, probes = 0;
+            while (tvalues[slot] >= 0 && !(full = probes++ > mask)) slot = (slot + 1) & mask;
+            if (full) break;
+            tkeys[slot] = k[i];
+            tvalues[slot] = v[i];
+        }
+        if (full) PyErr_SetString(PyExc_ValueError, "table_insert: the table is full");
+        else result = Py_NewRef(Py_None);
+        PyBuffer_Release(&bk);
+        PyBuffer_Release(&bv);
+    }
+    PyBuffer_Release(&keys);
+    PyBuffer_Release(&values);
+    return result;
+}
+
+static PyObject *py_table_lookup(PyObject *self, PyObject *args) {
+    Py_buffer keys, out, bk, bv;
+    PyObject *tk, *tv;
+    int shift;
+    if (!PyArg_ParseTuple(args, "y*OOiw*", &keys, &tk, &tv, &shift, &out)) return NULL;
+    PyObject *result = NULL;
+    if (out.len / 8 != keys.len / 8 || shift < 1 || shift > 63) {
+        PyErr_SetString(PyExc_ValueError, "table_lookup: bad arguments");
+    } else if (table_buffers(tk, tv, &bk, &bv) == 0) {
+        const uint64_t *k = keys.buf, *tkeys = bk.buf;
+        const int64_t *tvalues = bv.buf;
+        int64_t *o = out.buf;
+        size_t mask = (size_t)bk.len / 8 - 1, n = (size_t)keys.len / 8;
+        for (size_t i = 0; i < n; i++) {
+            size_t slot = (size_t)((k[i] * FIB) >> shift) & mask;
+            int64_t found = -1;
+            for (size_t probes = 0; probes <= mask && tvalues[slot] >= 0; probes++) {
+                if (tkeys[slot] == k[i]) {
+                    found = tvalues[slot];
+                    break;
+                }
+                slot = (slot + 1) & mask;
+            }
+            o[i] = found;
+        }
+        result = Py_NewRef(Py_None);
+        PyBuffer_Release(&bk);
+        PyBuffer_Release(&bv);
+    }
+    PyBuffer_Release(&keys);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"table_insert", py_table_insert, METH_VARARGS,
+     "table_insert(keys, values, table_keys, table_values, shift): dedupe.KeyIndex inserts."},
+    {"table_lookup", py_table_lookup, METH_VARARGS,
+     "table_lookup(keys, table_keys, table_values, shift, out): dedupe.KeyIndex lookups."},
     {"signature", py_signature, METH_VARARGS, sig_doc},
     {"process", process, METH_VARARGS, process_doc},
     {"pii_candidate", py_pii_candidate, METH_O, pii_doc},

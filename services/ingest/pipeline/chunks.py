@@ -218,8 +218,8 @@ def _process_chunk(job: ChunkJob) -> ChunkResult:
         return result
     # The lines the fast pass was not sure about go through the Python path (the reference).
     if items is None:
-        lines = block.split(b"\n")
-        slow = [(first_line + i, lines[i]) for i in fast.slow.tolist()]
+        spans = zip(fast.slow.tolist(), fast.slow_spans.tolist(), strict=True)
+        slow = [(first_line + i, block[a:b]) for i, (a, b) in spans]
         fast_positions = fast.fast + first_line
     else:
         slow = [items[i] for i in fast.slow.tolist()]

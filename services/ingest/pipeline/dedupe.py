@@ -18,6 +18,8 @@ from functools import lru_cache
 import numpy as np
 import xxhash
 
+from services.ingest.pipeline import fastpass
+
 SHINGLE_WORDS = 3
 _BASE = 0x100000001B3
 _MASK = 2**64 - 1
@@ -279,6 +281,8 @@ class KeyIndex:
     def __init__(self, capacity: int = 1 << 16) -> None:
         self._alloc(max(16, 1 << (capacity - 1).bit_length()))
         self.size = 0
+        # The same table, probed one key at a time in C (no numpy pass per probe round).
+        self._native = fastpass.native if fastpass.wanted() else None
 
     def _alloc(self, slots: int) -> None:
         self._keys = np.zeros(slots, dtype=np.uint64)
@@ -296,7 +300,10 @@ class KeyIndex:
         out = np.full(len(keys), -1, dtype=np.int64)
         if not self.size or not len(keys):
             return out
-        keys = np.asarray(keys, dtype=np.uint64)
+        keys = np.ascontiguousarray(keys, dtype=np.uint64)
+        if self._native is not None:
+            self._native.table_lookup(keys, self._keys, self._values, int(self._shift), out)
+            return out
         pending = np.arange(len(keys))
         slots = self._home(keys)
         while len(pending):
@@ -317,6 +324,15 @@ class KeyIndex:
         self.size += len(keys)
 
     def _insert(self, keys: np.ndarray, values: np.ndarray) -> None:
+        if self._native is not None:
+            self._native.table_insert(
+                np.ascontiguousarray(keys, dtype=np.uint64),
+                np.ascontiguousarray(values, dtype=np.int64),
+                self._keys,
+                self._values,
+                int(self._shift),
+            )
+            return
         pending = np.arange(len(keys))
         slots = self._home(keys)
         while len(pending):

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import orjson
 
-from services.ingest.pipeline import dedupe, formats
+from services.ingest.pipeline import formats
 
 if TYPE_CHECKING:
     from services.ingest.pipeline.chunks import ChunkJob
@@ -68,6 +68,7 @@ class FastColumns:
     lines_read: int
     fast: np.ndarray  # int64 line indices, ascending
     slow: np.ndarray
+    slow_spans: np.ndarray  # (len(slow), 2) int64: where each slow line is in the block
     blob: bytes  # the output lines of the fast records, one after the other
     line_bytes: np.ndarray  # uint32
     keys: bytes  # 8 bytes per record
@@ -115,11 +116,27 @@ def run(job: ChunkJob, block: bytes, items: list[tuple[int, Any]] | None) -> Fas
         source_json,
         *(sketch_args(rules.num_perm) if rules.near_dedupe else (0, 0, b"")),
     )
-    (lines_read, fast, slow, blob, line_bytes, keys, order, ids, cats, srcs, ins, outs, sigs) = out
+    (
+        lines_read,
+        fast,
+        slow,
+        spans,
+        blob,
+        line_bytes,
+        keys,
+        order,
+        ids,
+        cats,
+        srcs,
+        ins,
+        outs,
+        sigs,
+    ) = out
     return FastColumns(
         lines_read=lines_read,
         fast=np.frombuffer(fast, dtype=np.uint32).astype(np.int64),
         slow=np.frombuffer(slow, dtype=np.uint32).astype(np.int64),
+        slow_spans=np.frombuffer(spans, dtype=np.uint64).astype(np.int64).reshape(-1, 2),
         blob=blob,
         line_bytes=np.frombuffer(line_bytes, dtype=np.uint32),
         keys=keys,
@@ -140,6 +157,8 @@ def run(job: ChunkJob, block: bytes, items: list[tuple[int, Any]] | None) -> Fas
 @functools.cache
 def sketch_args(num_perm: int) -> tuple[int, int, bytes]:
     """(num_perm, salt, probe table) for the C MinHash, from dedupe's own definitions."""
+    from services.ingest.pipeline import dedupe  # dedupe uses this module: import when used
+
     salt = int(dedupe.signature_salt())
     probes = dedupe.probes(num_perm).astype(np.int32).tobytes()
     return num_perm, salt, probes

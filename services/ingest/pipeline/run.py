@@ -583,7 +583,7 @@ class Pipeline:
             dataset_id=dataset_id,
             train_count=counts[1],
             validation_count=counts[2],
-            new_records=sum(1 for s in meta.fixed_split if s == 0),
+            new_records=meta.fixed_split.count(0),
             counts_by_category=dict(Counter(meta.categories)),
             counts_by_source=dict(Counter(meta.sources)),
         )
@@ -602,6 +602,7 @@ class Pipeline:
             by_cat_split[cat]["train" if split == 1 else "validation"] += 1
         target = cfg.target_count
         cat_of = {meta.ids[i]: meta.categories[i] for i in range(kept) if assignment[i] == 1}
+        output_chars = np.frombuffer(meta.output_chars, dtype=np.uint32)
         train_domains = Counter(cat_of.values())
         return {
             "dataset_name": self.dataset_name,
@@ -611,8 +612,8 @@ class Pipeline:
             "records": {
                 "read": sum(s["read"] for s in self.inputs),
                 "kept": kept,
-                "new": sum(1 for s in meta.fixed_split if s == 0),
-                "from_previous_version": sum(1 for s in meta.fixed_split if s != 0),
+                "new": meta.fixed_split.count(0),
+                "from_previous_version": kept - meta.fixed_split.count(0),
                 "rejected": sum(self.rejected_by_code.values()),
             },
             "rejected_by_reason": dict(self.rejected_by_code),
@@ -634,8 +635,8 @@ class Pipeline:
             },
             "outputs": {
                 "empty": self.empty_outputs,
-                "short": sum(1 for n in meta.output_chars if n < cfg.short_output_chars),
-                "long": sum(1 for n in meta.output_chars if n > cfg.long_output_chars),
+                "short": int(np.count_nonzero(output_chars < cfg.short_output_chars)),
+                "long": int(np.count_nonzero(output_chars > cfg.long_output_chars)),
                 "short_below_chars": cfg.short_output_chars,
                 "long_above_chars": cfg.long_output_chars,
             },
@@ -657,7 +658,7 @@ class Pipeline:
             "curriculum": {
                 phase: {
                     "records": len(m["record_ids"]),
-                    "by_domain": dict(Counter(cat_of[rid] for rid in m["record_ids"])),
+                    "by_domain": dict(Counter(map(cat_of.__getitem__, m["record_ids"]))),
                 }
                 for phase, m in manifests.items()
             }

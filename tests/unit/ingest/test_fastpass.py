@@ -445,3 +445,24 @@ def test_the_environment_can_force_the_python_path(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("INGEST_FAST_PATH", "1")
     assert fastpass.wanted()
     assert chunks.Rules().fast_path
+
+
+def test_key_index_in_c_maps_keys_as_the_numpy_one_does(monkeypatch: pytest.MonkeyPatch):
+    rng = np.random.default_rng(9)
+    in_c = dedupe.KeyIndex(capacity=16)
+    monkeypatch.setattr(fastpass, "native", None)
+    monkeypatch.setattr(fastpass, "_logged", True)
+    in_numpy = dedupe.KeyIndex(capacity=16)
+    assert in_c._native is not None and in_numpy._native is None
+    keys = np.unique(rng.integers(0, 2**64, size=60_000, dtype=np.uint64))
+    keys = rng.permutation(np.concatenate([keys, np.arange(5, dtype=np.uint64)]))
+    probe = np.concatenate([keys, rng.integers(0, 2**64, size=5000, dtype=np.uint64)])
+    start = 0
+    for size in (1, 7, 100, 3000, 20_000, len(keys)):  # grows several times on the way
+        batch = keys[start : start + size]
+        rows = np.arange(start, start + len(batch), dtype=np.int64)
+        for index in (in_c, in_numpy):
+            index.add(batch[: len(batch)], rows)
+        start += len(batch)
+        assert np.array_equal(in_c.lookup(probe), in_numpy.lookup(probe))
+    assert (in_c.lookup(keys) >= 0).all()
