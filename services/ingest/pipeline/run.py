@@ -501,10 +501,16 @@ class Pipeline:
                 np.cumsum(sizes, out=offsets[1:])
                 bounds = [0, *(np.flatnonzero(np.diff(split)) + 1).tolist(), len(split)]
                 view = memoryview(path.read_bytes())
+                runs: dict[int, list[memoryview]] = {1: [], 2: []}
                 for a, b in itertools.pairwise(bounds):
                     code = int(split[a])
                     if code:
-                        block = view[int(offsets[a]) : int(offsets[b])]
+                        runs[code].append(view[int(offsets[a]) : int(offsets[b])])
+                # One write and one hash update per split and chunk (not per run: thousands
+                # of system calls).
+                for code, pieces in runs.items():
+                    if pieces:
+                        block = b"".join(pieces)
                         outs[code].write(block)
                         digests[code].update(block)
             path.unlink(missing_ok=True)
