@@ -942,6 +942,183 @@ static PyObject *py_signature(PyObject *self, PyObject *args) {
     return out;
 }
 
+/* ------------------------------------------------------------------ JSON arrays */
+
+/* A strict validator for a subset of JSON on which ijson (the reference reader of JSON
+ * arrays) and orjson agree value for value: strings of printable ASCII with simple escapes
+ * (\u only for 0x01-0x7f), integers and plain decimals of at most 15 digits, true, false,
+ * null, nesting at most 64 deep. Anything else: not sure (the caller reads with ijson). */
+typedef struct {
+    const unsigned char *p, *end;
+} scan_t;
+
+static void scan_ws(scan_t *c) {
+    while (c->p < c->end && (*c->p == ' ' || *c->p == '\t' || *c->p == '\n' || *c->p == '\r'))
+        c->p++;
+}
+
+static int scan_string(scan_t *c) {
+    const unsigned char *p = c->p + 1;
+    while (p < c->end) {
+        unsigned char ch = *p;
+        if (ch == '"') {
+            c->p = p + 1;
+            return 0;
+        }
+        if (ch < 0x20 || ch >= 0x7f) return -1;
+        if (ch != '\\') {
+            p++;
+            continue;
+        }
+        if (p + 1 >= c->end) return -1;
+        switch (p[1]) {
+        case '"': case '\\': case '/': case 'b': case 'f': case 'n': case 'r': case 't':
+            p += 2;
+            break;
+        case 'u': {
+            if (p + 6 > c->end) return -1;
+            int v = 0;
+            for (int i = 2; i < 6; i++) {
+                int h = hexval(p[i]);
+                if (h < 0) return -1;
+                v = v * 16 + h;
+            }
+            if (v == 0 || v >= 0x80) return -1;
+            p += 6;
+            break;
+        }
+        default: return -1;
+        }
+    }
+    return -1;
+}
+
+static int scan_number(scan_t *c) {
+    const unsigned char *p = c->p;
+    int digits = 0;
+    if (p < c->end && *p == '-') p++;
+    if (p >= c->end || *p < '0' || *p > '9') return -1;
+    if (*p == '0') {
+        p++;
+        digits++;
+    } else {
+        while (p < c->end && *p >= '0' && *p <= '9') p++, digits++;
+    }
+    if (p < c->end && *p == '.') {
+        p++;
+        if (p >= c->end || *p < '0' || *p > '9') return -1;
+        while (p < c->end && *p >= '0' && *p <= '9') p++, digits++;
+    }
+    if (digits > 15) return -1;
+    if (p < c->end && (*p == 'e' || *p == 'E')) return -1;
+    c->p = p;
+    return 0;
+}
+
+static int scan_value(scan_t *c, int depth) {
+    if (c->p >= c->end || depth > 64) return -1;
+    unsigned char ch = *c->p;
+    if (ch == '"') return scan_string(c);
+    if (ch == '{' || ch == '[') {
+        unsigned char close = ch == '{' ? '}' : ']';
+        c->p++;
+        scan_ws(c);
+        if (c->p < c->end && *c->p == close) {
+            c->p++;
+            return 0;
+        }
+        for (;;) {
+            if (ch == '{') {
+                if (c->p >= c->end || *c->p != '"' || scan_string(c)) return -1;
+                scan_ws(c);
+                if (c->p >= c->end || *c->p != ':') return -1;
+                c->p++;
+                scan_ws(c);
+            }
+            if (scan_value(c, depth + 1)) return -1;
+            scan_ws(c);
+            if (c->p < c->end && *c->p == ',') {
+                c->p++;
+                scan_ws(c);
+                continue;
+            }
+            if (c->p < c->end && *c->p == close) {
+                c->p++;
+                return 0;
+            }
+            return -1;
+        }
+    }
+    if (ch == '-' || (ch >= '0' && ch <= '9')) return scan_number(c);
+    static const char *words[] = {"true", "false", "null"};
+    for (int i = 0; i < 3; i++) {
+        size_t n = strlen(words[i]);
+        if ((size_t)(c->end - c->p) >= n && memcmp(c->p, words[i], n) == 0) {
+            c->p += n;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+PyDoc_STRVAR(array_doc,
+"array_elements(data, max_element) -> bytes | None\n--\n\n"
+"The (start, end) byte offsets (uint64 pairs) of the elements of a JSON array file's\n"
+"content (a UTF-8 BOM, then whitespace, the array, whitespace), when all of it lies in\n"
+"the subset on which ijson and orjson agree and no element is longer than max_element;\n"
+"else None.");
+
+static PyObject *py_array_elements(PyObject *self, PyObject *args) {
+    Py_buffer b;
+    Py_ssize_t max_element;
+    if (!PyArg_ParseTuple(args, "y*n", &b, &max_element)) return NULL;
+    scan_t c = {b.buf, (const unsigned char *)b.buf + b.len};
+    buf_t spans = {0};
+    int ok = 0, nomem = 0;
+    if (c.end - c.p >= 3 && memcmp(c.p, "\xef\xbb\xbf", 3) == 0) c.p += 3;
+    scan_ws(&c);
+    if (c.p < c.end && *c.p == '[') {
+        c.p++;
+        scan_ws(&c);
+        if (c.p < c.end && *c.p == ']') {
+            c.p++;
+            ok = 1;
+        } else {
+            for (;;) {
+                const unsigned char *start = c.p;
+                if (scan_value(&c, 1)) break;
+                if (c.p - start > max_element) break;
+                uint64_t span[2] = {(uint64_t)(start - (const unsigned char *)b.buf),
+                                    (uint64_t)(c.p - (const unsigned char *)b.buf)};
+                if (buf_put(&spans, span, sizeof span)) {
+                    nomem = 1;
+                    break;
+                }
+                scan_ws(&c);
+                if (c.p < c.end && *c.p == ',') {
+                    c.p++;
+                    scan_ws(&c);
+                    continue;
+                }
+                if (c.p < c.end && *c.p == ']') {
+                    c.p++;
+                    ok = 1;
+                }
+                break;
+            }
+        }
+        scan_ws(&c);
+        ok = ok && c.p == c.end;
+    }
+    PyBuffer_Release(&b);
+    PyObject *out = NULL;
+    if (nomem) PyErr_NoMemory();
+    else if (ok) out = as_bytes(&spans);
+    else out = Py_NewRef(Py_None);
+    free(spans.p);
+    return out;
+}
+
 /* dedupe.KeyIndex's table: open addressing, linear probing, home slot (key * FIB) >> shift,
  * value -1 = empty. Inserted keys are distinct and absent (the caller's contract), so the
  * map is the same as the vectorised inserts make, slot for slot or not. */
@@ -1030,6 +1207,7 @@ static PyObject *py_table_lookup(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
+    {"array_elements", py_array_elements, METH_VARARGS, array_doc},
     {"table_insert", py_table_insert, METH_VARARGS,
      "table_insert(keys, values, table_keys, table_values, shift): dedupe.KeyIndex inserts."},
     {"table_lookup", py_table_lookup, METH_VARARGS,

@@ -71,6 +71,9 @@ class ChunkJob:
     # Write the output lines to this file rather than send them back (content then never
     # passes through the main process).
     out_path: str = ""
+    # A JSON array's elements at these (start, end) offsets of ``path`` (uint64 pairs), the
+    # first at position ``first_line``: read and parsed here, like JSONL lines.
+    spans: bytes = b""
 
 
 @dataclass
@@ -201,7 +204,13 @@ def _process_chunk(job: ChunkJob) -> ChunkResult:
     result = ChunkResult()
     block, first_line = job.block, job.first_line
     items: list[tuple[int, Any]] | None = None if job.block else job.items
-    if job.path:
+    if job.spans:
+        try:
+            items = _array_items(job)
+        except OSError as exc:
+            result.rejected.append((job.first_line, "file", f"unreadable from here on: {exc}"))
+            return result
+    elif job.path:
         result.relative = True
         try:
             block, first_line = read_line_range(Path(job.path), job.start, job.end), 1
@@ -228,6 +237,16 @@ def _process_chunk(job: ChunkJob) -> ChunkResult:
     reference = _python_records(slow, job, result)
     _merge(fast, fast_positions, reference).finish(job, result)
     return result
+
+
+def _array_items(job: ChunkJob) -> list[tuple[int, Any]]:
+    spans = np.frombuffer(job.spans, dtype=np.uint64).astype(np.int64).reshape(-1, 2)
+    base = int(spans[0, 0])
+    with open(job.path, "rb") as f:
+        f.seek(base)
+        data = f.read(int(spans[-1, 1]) - base)
+    offsets = (spans - base).tolist()
+    return [(job.first_line + k, data[a:b]) for k, (a, b) in enumerate(offsets)]
 
 
 @dataclass

@@ -15,8 +15,10 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import mmap
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -162,3 +164,20 @@ def sketch_args(num_perm: int) -> tuple[int, int, bytes]:
     salt = int(dedupe.signature_salt())
     probes = dedupe.probes(num_perm).astype(np.int32).tobytes()
     return num_perm, salt, probes
+
+
+def array_spans(path: Path) -> np.ndarray | None:
+    """The (start, end) byte offsets of the elements of an uncompressed JSON array file, as
+    (n, 2) int64, when all of it is in the subset of JSON on which ijson (the reference
+    reader) and orjson agree (see ``array_elements`` in _fastpass.c): workers then read and
+    parse the elements themselves, as they do JSONL lines. None = read it with ijson."""
+    if native is None:
+        return None
+    with path.open("rb") as f:
+        if f.read(2) == formats.GZIP_MAGIC or not f.seek(0, os.SEEK_END):
+            return None
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            spans = native.array_elements(data, formats.MAX_RECORD_BYTES // 2)
+    if spans is None:
+        return None
+    return np.frombuffer(spans, dtype=np.uint64).astype(np.int64).reshape(-1, 2)

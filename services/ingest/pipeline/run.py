@@ -243,6 +243,10 @@ class Pipeline:
             else:
                 yield from self._range_jobs(src, fmt, source)
             return
+        spans = fastpass.array_spans(src.path) if self.rules.fast_path else None
+        if spans is not None:  # elements the workers can read and parse themselves
+            yield from self._array_jobs(src, spans, fmt, source, stats, detect=detect)
+            return
         items: Iterator[Item] = iter_items(src.path)
         if detect:
             fmt, items = self._detect(items)
@@ -260,6 +264,42 @@ class Pipeline:
             self._reject(src.display_name, position, "file", f"unreadable from here on: {exc}")
         if chunk:
             yield self._job(chunk, fmt, src, source)
+
+    def _array_jobs(
+        self,
+        src: SourceFile,
+        spans: np.ndarray,
+        fmt: Format | None,
+        source: str,
+        stats: dict[str, Any],
+        *,
+        detect: bool,
+    ) -> Iterator[ChunkJob]:
+        """A JSON array by element offsets (see :func:`fastpass.array_spans`): the same
+        records, positions and format detection as reading it with ijson."""
+        if detect:
+            with src.path.open("rb") as f:
+                for start, end in spans[:DETECT_WINDOW].tolist():
+                    f.seek(start)
+                    try:
+                        fmt = detect_format(parse_line(f.read(end - start)))
+                    except RecordError:
+                        fmt = None
+                    if fmt:
+                        break
+        stats["format"] = fmt or "unknown"
+        for lo in range(0, len(spans), CHUNK_RECORDS):
+            yield ChunkJob(
+                items=[],
+                format=fmt,
+                domain=src.domain,
+                source=source,
+                trusted=src.trusted_split is not None,
+                rules=self.rules,
+                path=str(src.path),
+                spans=spans[lo : lo + CHUNK_RECORDS].astype(np.uint64).tobytes(),
+                first_line=lo + 1,
+            )
 
     def _range_jobs(self, src: SourceFile, fmt: Format | None, source: str) -> Iterator[ChunkJob]:
         size = src.path.stat().st_size

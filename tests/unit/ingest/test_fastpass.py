@@ -201,6 +201,64 @@ def _corpus(rng: random.Random, fmt: str, n: int) -> list[bytes]:
     return lines
 
 
+def _arrays(tmp: Path, rng: random.Random) -> list[SourceFile]:
+    """JSON array files: ones the workers read by element offsets, and ones only ijson may
+    read (pretty-printed elements, unicode, exponents, big integers, deep nesting, broken)."""
+    import json
+
+    def rows(n: int) -> list[Any]:
+        return [_record(rng, rng.choice(["alpaca", "openai", "sharegpt"])) for _ in range(n)]
+
+    def plain(n: int) -> list[Any]:  # ASCII, no odd values: readable by offsets
+        return [
+            {"instruction": sentence(rng, 90), "input": "", "output": sentence(rng, 200)}
+            if i % 2
+            else {
+                "conversations": [
+                    {"from": "human", "value": sentence(rng, 90)},
+                    {"from": "gpt", "value": sentence(rng, 300) + " (555) 123-4567"},
+                ]
+            }
+            for i in range(n)
+        ]
+
+    variants = {
+        "plain": orjson.dumps(plain(300)),
+        "compact": orjson.dumps(rows(300)),
+        "spaced": b"\xef\xbb\xbf \n[ "
+        + b" ,\n ".join(orjson.dumps(r) for r in plain(200))
+        + b" ]\n",
+        "ascii-escaped": json.dumps(rows(200), ensure_ascii=True).encode(),
+        "pretty": json.dumps(rows(100), indent=2).encode(),
+        "numbers": b"["
+        + b",".join(
+            orjson.dumps({**r, "n": v})
+            for r, v in zip(rows(60), [1, -0.5, 12, 0, 3.25, 7] * 10, strict=True)
+        )
+        + b"]",
+        "exponent": b"[" + orjson.dumps(rows(1)[0]) + b', {"x": 1e5}]',
+        "bigint": b"[" + orjson.dumps(rows(1)[0]) + b', {"x": 123456789012345678901234}]',
+        "deep": b"[" + orjson.dumps(rows(1)[0]) + b"," + b"[" * 80 + b"]" * 80 + b"]",
+        "broken": orjson.dumps(rows(50))[:-40],
+        "trailing": orjson.dumps(rows(20)) + b" x",
+        "scalars": b'[1, "two", null, true, [], {}]',
+        "empty": b"[]",
+        "dupkeys": b'[{"instruction": "' + sentence(rng, 80).encode() + b'", "output": "a", '
+        b'"output": "' + sentence(rng, 200).encode() + b'"}]',
+    }
+    out = []
+    for name, data in variants.items():
+        path = tmp / f"array-{name}.json"
+        path.write_bytes(data)
+        out.append(SourceFile(path, path.name, "auto", domain=name))
+    # The plain ones are read by offsets (else the fast path was not tested on them).
+    assert fastpass.array_spans(tmp / "array-plain.json") is not None
+    assert fastpass.array_spans(tmp / "array-spaced.json") is not None
+    assert fastpass.array_spans(tmp / "array-exponent.json") is None
+    assert fastpass.array_spans(tmp / "array-broken.json") is None
+    return out
+
+
 def _run(tmp: Path, sources: list[SourceFile], fast: bool, **config: Any) -> Any:
     pipe = Pipeline(ProcessingConfig(**config), dataset_name="line")
     pipe.rules = dataclasses.replace(pipe.rules, fast_path=fast)
@@ -238,6 +296,7 @@ def test_hostile_corpus_gives_the_same_dataset_either_way(tmp_path: Path, near: 
     array = tmp_path / "array.json"
     array.write_bytes(orjson.dumps([_record(rng, "openai") for _ in range(300)]))
     sources.append(SourceFile(array, array.name, "auto", domain='a "quoted" domain'))
+    sources += _arrays(tmp_path, rng)
     fast = _run(tmp_path / "fast", sources, True, near_dedupe=near)
     slow = _run(tmp_path / "slow", sources, False, near_dedupe=near)
     _same_output(fast, slow)
