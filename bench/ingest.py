@@ -308,6 +308,24 @@ def stage_costs(sources: list[SourceFile], config: ProcessingConfig) -> list[tup
             index.index(keys[fresh].ravel(), np.repeat(rows[fresh], keys.shape[1]))
 
         timed("LSH bands + lookups", lsh)
+    # The C pass alone, step by step (each line adds to the one before; lines it leaves to
+    # Python are counted, not done).
+    if fastpass.native is not None:
+        blocks = [
+            b"\n".join(raw.rstrip(b"\n") for raw in items[lo : lo + CHUNK_RECORDS])
+            for lo in range(0, n, CHUNK_RECORDS)
+        ]
+        sketch = fastpass.sketch_args(config.num_perm)
+        steps = (
+            ("C: parse, chat form, checks, key, line", (0, 0), (0, 0, b"")),
+            ("C: + PII and error prefilters", (1, 1), (0, 0, b"")),
+            ("C: + MinHash", (1, 1), sketch),
+        )
+        for name, (check_error, check_pii), minhash in steps:
+            for block in blocks:
+                args = (block, 0, 0, 50, 30_000, 100, 30_000, 256, check_error, check_pii)
+                args += (42, formats.MAX_RECORD_BYTES, "c", "s", b'"c"', b'"s"', *minhash)
+                timed(name, lambda args=args: fastpass.native.process(*args))
     # The whole per-record work of a chunk (what a worker does), both ways.
     for fast in (False, True):
         name = f"all of it per chunk, {'fast path (C)' if fast else 'Python path'}"

@@ -960,6 +960,8 @@ static void scan_ws(scan_t *c) {
 static int scan_string(scan_t *c) {
     const unsigned char *p = c->p + 1;
     while (p < c->end) {
+        while (p < c->end && (cls[*p] & C_PLAIN) && *p != 0x7f) p++;
+        if (p >= c->end) return -1;
         unsigned char ch = *p;
         if (ch == '"') {
             c->p = p + 1;
