@@ -320,9 +320,8 @@ static int is_pyspace_all(const char *s, size_t n) {
 
 /* Could the PII scrubber change anything in this text? A superset of its candidates that it
  * can act on: '@' (email), two capitals then two digits (IBAN), two colons with at most four
- * hex digits between them (IPv6), a run of [0-9 -.()] of at least 7 bytes holding at least 4
- * digits (SSN, card, IPv4, phone: the digit-run candidate and the least digits any of them
- * needs). */
+ * hex digits between them (IPv6), a run of [0-9 -.()] of at least 7 bytes (the digit-run
+ * candidate) holding at least 9 digits (SSN, card, phone) or 4 digits and 3 dots (IPv4). */
 static int pii_candidate(const unsigned char *s, size_t n) {
     size_t i = 0;
     while (i < n) {
@@ -350,15 +349,18 @@ static int pii_candidate(const unsigned char *s, size_t n) {
          * is a digit: they were skipped above). */
         size_t start = i;
         while (start > 0 && (cls[s[start - 1]] & C_RUN)) start--;
-        size_t digits = 0;
+        size_t digits = 0, dots = 0;
         for (; i < n && (cls[s[i]] & C_RUN); i++) {
+            dots += s[i] == '.';
             if (!(cls[s[i]] & C_DIGIT)) continue;
             digits++;
             if (i >= 3 && (cls[s[i - 1]] & C_DIGIT) && (cls[s[i - 2]] & C_UPPER)
                 && (cls[s[i - 3]] & C_UPPER))
                 return 1; /* two capitals, two digits: an IBAN start */
         }
-        if (i - start >= 7 && digits >= 4) return 1;
+        /* SSN 9 digits, card 13+, phone 10+, IPv4 4+ digits and 3 dots: a date or a range
+         * of years is not a candidate. */
+        if (i - start >= 7 && (digits >= 9 || (digits >= 4 && dots >= 3))) return 1;
     }
     return 0;
 }

@@ -443,8 +443,9 @@ def test_pii_prefilter_flags_every_text_the_scrubber_changes():
             changed += 1
             assert native.pii_candidate(text.encode()), text
     assert changed > 3000  # the generator does produce PII (else the test proves nothing)
-    # And it is a filter: plain prose passes.
+    # And it is a filter: plain prose, dates and ranges of years pass.
     assert not native.pii_candidate(sentence(rng, 2000).encode())
+    assert not native.pii_candidate(b"from 2023-01-15 to 2024-12-31, in (1990 - 2000), v1.2.3")
 
 
 def test_error_prefilter_flags_every_answer_with_error_text():
