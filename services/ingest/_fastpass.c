@@ -800,6 +800,7 @@ PyDoc_STRVAR(process_doc,
 
 /* Kept between calls (the GIL is held throughout): no page faults for fresh buffers. */
 static state_t kept;
+static int kept_in_use; /* a re-entrant call (from a finaliser, say) gets its own */
 
 static void reset(buf_t *b) { b->len = 0; }
 
@@ -835,7 +836,14 @@ static PyObject *process(PyObject *self, PyObject *args) {
     }
     ru.seed = (uint64_t)seed;
     ru.max_record = (size_t)max_record;
-    state_t st = kept;
+    int own = !kept_in_use;
+    state_t st;
+    if (own) {
+        st = kept;
+        kept_in_use = 1;
+    } else {
+        memset(&st, 0, sizeof st);
+    }
     buf_t *all[] = {&st.fast, &st.slow, &st.slow_spans, &st.lines, &st.line_bytes, &st.keys, &st.order,
                     &st.in_chars, &st.out_chars, &st.sigs, &st.source, &st.arena,
                     &st.joined, &st.stripped};
@@ -892,7 +900,13 @@ done:
     Py_XDECREF(st.cats);
     Py_XDECREF(st.srcs);
     st.ids = st.cats = st.srcs = NULL;
-    kept = st;
+    if (own) {
+        kept = st;
+        kept_in_use = 0;
+    } else {
+        for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) free(all[i]->p);
+        free(st.ms.m);
+    }
     PyBuffer_Release(&block);
     PyBuffer_Release(&probes);
     return result;
