@@ -485,30 +485,62 @@ static inline void mh_add(const sketch_t *k, uint32_t *sig, uint64_t h) {
     }
 }
 
-static void minhash(const sketch_t *k, const unsigned char *t, size_t n, uint32_t *sig,
-                    uint32_t *source) {
+/* Scratch kept between calls (the GIL is held): powers of the word-hash base, word hashes. */
+static uint32_t *mh_pow;
+static size_t mh_pow_len;
+static uint32_t *mh_words;
+static size_t mh_words_len;
+
+static int mh_reserve(size_t n) {
+    if (mh_pow_len < n + 1) {
+        size_t len = n + 1 > 2 * mh_pow_len ? n + 1 : 2 * mh_pow_len;
+        uint32_t *pw = realloc(mh_pow, len * sizeof(uint32_t));
+        if (!pw) return -1;
+        size_t k = mh_pow_len;
+        if (k == 0) pw[k++] = 1;
+        for (; k < len; k++) pw[k] = pw[k - 1] * 0x1B3u;
+        mh_pow = pw;
+        mh_pow_len = len;
+    }
+    if (mh_words_len < n / 2 + 2) {
+        size_t len = n / 2 + 2 > 2 * mh_words_len ? n / 2 + 2 : 2 * mh_words_len;
+        uint32_t *w = realloc(mh_words, len * sizeof(uint32_t));
+        if (!w) return -1;
+        mh_words = w;
+        mh_words_len = len;
+    }
+    return 0;
+}
+
+static int minhash(const sketch_t *k, const unsigned char *t, size_t n, uint32_t *sig,
+                   uint32_t *source) {
     int P = k->num_perm;
     for (int c = 0; c < P; c++) sig[c] = MH_EMPTY;
-    uint64_t a = 0, b = 0; /* the two words before */
-    size_t words = 0, i = 0;
-    while (i < n) {
-        while (i < n && t[i] <= 32) i++;
-        if (i >= n) break;
-        uint32_t h = 0, p = 1;
-        while (i < n && t[i] > 32) {
-            h += (uint32_t)t[i] * p;
-            p *= 0x1B3u;
-            i++;
-        }
-        uint64_t w = h;
-        if (words >= 2) mh_add(k, sig, a * MH_C1 + b * MH_C2 + w * MH_C3);
-        a = b;
-        b = w;
-        words++;
+    if (mh_reserve(n)) return -2;
+    /* Word hashes without a branch per byte (word lengths vary: branches would mispredict
+     * once or twice a word): every byte stores the running hash at the word count, which
+     * moves on just after a word ends; the power comes from a table by position in the
+     * word. */
+    const uint32_t *pw = mh_pow;
+    uint32_t *words = mh_words;
+    uint32_t h = 0, prev = 0;
+    size_t pos = 0, nw = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t c = t[i], w = c > 32, m = 0u - w;
+        words[nw] = h;
+        nw += prev & (w ^ 1u);
+        pos = (pos + 1) & (size_t)(0 - (size_t)prev);
+        h = (h + c * pw[pos]) & m;
+        prev = w;
     }
-    if (words == 1) mh_add(k, sig, b * MH_C1);
-    else if (words == 2) mh_add(k, sig, a * MH_C1 + b * MH_C2);
-    if (words == 0) return;
+    words[nw] = h;
+    nw += prev;
+    for (size_t i = 2; i < nw; i++)
+        mh_add(k, sig, (uint64_t)words[i - 2] * MH_C1 + (uint64_t)words[i - 1] * MH_C2
+                           + (uint64_t)words[i] * MH_C3);
+    if (nw == 1) mh_add(k, sig, (uint64_t)words[0] * MH_C1);
+    else if (nw == 2) mh_add(k, sig, (uint64_t)words[0] * MH_C1 + (uint64_t)words[1] * MH_C2);
+    if (nw == 0) return 0;
     memcpy(source, sig, (size_t)P * sizeof(uint32_t));
     for (int c = 0; c < P; c++) {
         if (source[c] != MH_EMPTY) continue;
@@ -522,6 +554,7 @@ static void minhash(const sketch_t *k, const unsigned char *t, size_t n, uint32_
             if (v != MH_EMPTY) sig[c] = v, done = 1;
         }
     }
+    return 0;
 }
 
 /* ------------------------------------------------------------------ the pass */
@@ -774,8 +807,9 @@ static int one_line(state_t *st, const rules_t *ru, const unsigned char *line, s
     if (ru->want_sketch) {
         size_t bytes = (size_t)ru->sketch.num_perm * sizeof(uint32_t);
         if (buf_reserve(&st->sigs, bytes) || buf_reserve(&st->source, bytes)) return -2;
-        minhash(&ru->sketch, (const unsigned char *)text->p, text->len,
-                (uint32_t *)(st->sigs.p + st->sigs.len), (uint32_t *)st->source.p);
+        if (minhash(&ru->sketch, (const unsigned char *)text->p, text->len,
+                    (uint32_t *)(st->sigs.p + st->sigs.len), (uint32_t *)st->source.p))
+            return -2;
         st->sigs.len += bytes;
     }
     return 1;
@@ -948,7 +982,10 @@ static PyObject *py_signature(PyObject *self, PyObject *args) {
     uint32_t *src = malloc((size_t)(k.num_perm > 0 ? k.num_perm : 1) * 4);
     if (k.num_perm > 0 && src) {
         out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)k.num_perm * 4);
-        if (out) minhash(&k, t.buf, (size_t)t.len, (uint32_t *)PyBytes_AS_STRING(out), src);
+        if (out && minhash(&k, t.buf, (size_t)t.len, (uint32_t *)PyBytes_AS_STRING(out), src)) {
+            Py_CLEAR(out);
+            PyErr_NoMemory();
+        }
     } else {
         PyErr_SetString(PyExc_ValueError, "num_perm must be > 0");
     }

@@ -468,6 +468,7 @@ def test_error_prefilter_flags_every_answer_with_error_text():
 def test_c_minhash_is_dedupe_signatures_bit_for_bit():
     rng = random.Random(7)
     texts = [b"", b"   ", b"one", b"two words", b"exactly three words", b"\x00\x01 a\x7f b\xff"]
+    texts += [b"a" * 70_000, b"x " + b"long" * 5000 + b" y z", b" lead and trail "]
     texts += [sentence(rng, rng.randint(1, 3000)).encode() for _ in range(300)]
     texts += [bytes(rng.randrange(256) for _ in range(rng.randint(0, 200))) for _ in range(100)]
     for num_perm in (128, 64, 7):
