@@ -1,10 +1,12 @@
 """The compiled fast path of the per-record work (``services/ingest/_fastpass.c``).
 
 One C pass over a chunk's bytes does, for every line of a known shape, what the Python path
-does (parse, normalise, validate, exact key, id, split order, output line) and hands every
-line it is not sure about back to the Python path, which stays the reference: records with a
-possible PII span or error text, that would be rejected, with non-ASCII text, unusual keys or
-escapes. Output is byte for byte the same either way (tests/unit/ingest/test_fastpass.py).
+does (parse, normalise, validate, exact key, id, split order, output line, MinHash
+signature) and hands every line it is not sure about back to the Python path, which stays
+the reference: records with a possible PII span or error text, that would be rejected, with
+non-ASCII text, unusual keys or escapes. Output is byte for byte the same either way
+(tests/unit/ingest/test_fastpass.py). The same module locates the elements of plain JSON
+arrays (:func:`array_spans`) and probes dedupe's key tables (``dedupe.KeyIndex``).
 
 Off when the extension was not built (no compiler at install time: ingest logs it once and
 runs the Python path) or when ``INGEST_FAST_PATH=0``.
