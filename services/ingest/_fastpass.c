@@ -570,12 +570,14 @@ typedef struct {
 
 typedef struct {
     buf_t fast, slow, slow_spans, lines, line_bytes, keys, order, in_chars, out_chars, sigs, source;
+    buf_t scrub_idx, scrub_spans, scrub, scrub_in, scrub_out;
     buf_t arena, joined, stripped;
     msgs_t ms;
     PyObject *ids, *cats, *srcs;
 } state_t;
 
-/* One line. 1 = done here (columns appended), 0 = hand to Python, -2 = no memory / error. */
+/* One line. 1 = done here (columns appended), 2 = done but for the PII scrub (the record in
+ * chat form appended to ``scrub``), 0 = hand to Python, -2 = no memory / error. */
 static int one_line(state_t *st, const rules_t *ru, const unsigned char *line, size_t n,
                     PyObject *def_cat, PyObject *def_src, const char *cat_json, size_t cat_json_n,
                     const char *src_json, size_t src_json_n) {
@@ -687,10 +689,12 @@ static int one_line(state_t *st, const rules_t *ru, const unsigned char *line, s
     if (!ru->trusted) {
         if (in_chars < ru->min_in || in_chars > ru->max_in) return 0;
         if (out_chars < ru->min_out || out_chars > ru->max_out) return 0;
-        if (ru->check_pii)
-            for (size_t i = 0; i < nm; i++)
-                if (pii_candidate((const unsigned char *)arena->p + m[i].off, m[i].len)) return 0;
     }
+    /* A possible PII span: all but the scrub is done here; see ``scrub`` below. */
+    int pii = 0;
+    if (!ru->trusted && ru->check_pii)
+        for (size_t i = 0; i < nm && !pii; i++)
+            pii = pii_candidate((const unsigned char *)arena->p + m[i].off, m[i].len);
     /* Labels: used only when label() would return them unchanged. */
     const field_t *cat = NULL, *src = NULL;
     if (r.category.seen && r.category.isstr) {
@@ -725,6 +729,29 @@ static int one_line(state_t *st, const rules_t *ru, const unsigned char *line, s
             && error_candidate(o, m[i].len))
             return 0;
         text->len += m[i].len;
+    }
+    if (pii) {
+        /* For the scrubber: the record in the chat form (an OpenAI line with its labels),
+         * its lengths before the scrub (as Python validates them). */
+        buf_t *o = &st->scrub;
+        if (buf_put(o, "{\"messages\":[", 13)) return -2;
+        for (size_t i = 0; i < nm; i++) {
+            if (i && buf_put(o, ",", 1)) return -2;
+            if (buf_put(o, "{\"role\":\"", 9) || buf_put(o, ROLE_NAME[m[i].role], ROLE_LEN[m[i].role])
+                || buf_put(o, "\",\"content\":", 12)
+                || put_json_string(o, arena->p + m[i].off, m[i].len) || buf_put(o, "}", 1))
+                return -2;
+        }
+        if (buf_put(o, "],\"category\":", 13)
+            || (cat ? put_json_string(o, arena->p + cat->off, cat->len)
+                    : buf_put(o, cat_json, cat_json_n))
+            || buf_put(o, ",\"source\":", 10)
+            || (src ? put_json_string(o, arena->p + src->off, src->len)
+                    : buf_put(o, src_json, src_json_n))
+            || buf_put(o, "}\n", 2) || buf_u32(&st->scrub_in, (uint32_t)in_chars)
+            || buf_u32(&st->scrub_out, (uint32_t)out_chars))
+            return -2;
+        return 2;
     }
     /* Exact key: xxh3-128 of the text without whitespace. */
     buf_t *bare = &st->stripped;
@@ -825,10 +852,12 @@ PyDoc_STRVAR(process_doc,
 "        num_perm, salt, probes)\n"
 "--\n\n"
 "The lines of a JSONL block: those done here as columns, the others' indices for Python.\n"
-"Returns (lines_read, fast, slow, slow_spans, lines, line_bytes, exact_keys, split_order, ids,\n"
+"Returns (lines_read, fast, slow, slow_spans, scrub, scrub_spans, scrub_lines, scrub_in,\n"
+"scrub_out, lines, line_bytes, exact_keys, split_order, ids,\n"
 "categories, sources, input_chars, output_chars, signatures); fast/slow are uint32 line\n"
 "indices (blank lines are in neither), slow_spans uint64 (start, end) byte offsets of the slow\n"
-"lines, integer columns native-endian uint32; signatures\n"
+"lines; scrub*: the records done but for the PII scrub (their indices, spans, chat-form\n"
+"lines with labels, lengths); integer columns native-endian uint32; signatures\n"
 "(num_perm uint32 per record, as dedupe.signatures) when num_perm > 0; probes: int32\n"
 "[rounds, num_perm] (dedupe.probes).");
 
@@ -878,7 +907,8 @@ static PyObject *process(PyObject *self, PyObject *args) {
     } else {
         memset(&st, 0, sizeof st);
     }
-    buf_t *all[] = {&st.fast, &st.slow, &st.slow_spans, &st.lines, &st.line_bytes, &st.keys, &st.order,
+    buf_t *all[] = {&st.scrub_idx, &st.scrub_spans, &st.scrub, &st.scrub_in, &st.scrub_out,
+                    &st.fast, &st.slow, &st.slow_spans, &st.lines, &st.line_bytes, &st.keys, &st.order,
                     &st.in_chars, &st.out_chars, &st.sigs, &st.source, &st.arena,
                     &st.joined, &st.stripped};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) reset(all[i]);
@@ -904,14 +934,15 @@ static PyObject *process(PyObject *self, PyObject *args) {
                 failed = 1;
                 break;
             }
-            if (buf_u32(r ? &st.fast : &st.slow, index)) {
+            buf_t *idx = r == 1 ? &st.fast : r == 2 ? &st.scrub_idx : &st.slow;
+            if (buf_u32(idx, index)) {
                 failed = 1;
                 break;
             }
-            if (!r) {
+            if (r != 1) { /* where the line is, should Python read it */
                 uint64_t span[2] = {(uint64_t)(data - (const unsigned char *)block.buf),
                                     (uint64_t)(stop - (const unsigned char *)block.buf)};
-                if (buf_put(&st.slow_spans, span, sizeof span)) {
+                if (buf_put(r ? &st.scrub_spans : &st.slow_spans, span, sizeof span)) {
                     failed = 1;
                     break;
                 }
@@ -925,8 +956,10 @@ static PyObject *process(PyObject *self, PyObject *args) {
         if (!PyErr_Occurred()) PyErr_NoMemory();
         goto done;
     }
-    result = Py_BuildValue("(INNNNNNNOOONNN)", (unsigned int)index, as_bytes(&st.fast),
-                           as_bytes(&st.slow), as_bytes(&st.slow_spans), as_bytes(&st.lines), as_bytes(&st.line_bytes),
+    result = Py_BuildValue("(INNNNNNNNNNNNOOONNN)", (unsigned int)index, as_bytes(&st.fast),
+                           as_bytes(&st.slow), as_bytes(&st.slow_spans), as_bytes(&st.scrub_idx),
+                           as_bytes(&st.scrub_spans), as_bytes(&st.scrub), as_bytes(&st.scrub_in),
+                           as_bytes(&st.scrub_out), as_bytes(&st.lines), as_bytes(&st.line_bytes),
                            as_bytes(&st.keys), as_bytes(&st.order), st.ids, st.cats, st.srcs,
                            as_bytes(&st.in_chars), as_bytes(&st.out_chars), as_bytes(&st.sigs));
 done:

@@ -8,7 +8,9 @@ is small: the output JSON line of each kept record, its keys and lengths, and re
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import itertools
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,16 +229,66 @@ def _process_chunk(job: ChunkJob) -> ChunkResult:
         return result
     # The lines the fast pass was not sure about go through the Python path (the reference).
     if items is None:
-        spans = zip(fast.slow.tolist(), fast.slow_spans.tolist(), strict=True)
-        slow = [(first_line + i, block[a:b]) for i, (a, b) in spans]
-        fast_positions = fast.fast + first_line
+
+        def lines_at(index: np.ndarray, spans: np.ndarray) -> list[tuple[int, Any]]:
+            where = zip(index.tolist(), spans.tolist(), strict=True)
+            return [(first_line + i, block[a:b]) for i, (a, b) in where]
+
+        positions = np.arange(first_line, first_line + fast.lines_read, dtype=np.int64)
     else:
-        slow = [items[i] for i in fast.slow.tolist()]
-        fast_positions = np.asarray([p for p, _ in items], dtype=np.int64)[fast.fast]
+        listed = items
+
+        def lines_at(index: np.ndarray, spans: np.ndarray) -> list[tuple[int, Any]]:
+            return [listed[i] for i in index.tolist()]
+
+        positions = np.asarray([p for p, _ in items], dtype=np.int64)
+    slow = lines_at(fast.slow, fast.slow_spans)
+    done: list[Records] = []
+    if len(fast.scrub):
+        scrubbed = _scrub_and_finish(fast, positions[fast.scrub], job, result)
+        if scrubbed is None:  # not sure after all: the Python path does all of them
+            slow = sorted(slow + lines_at(fast.scrub, fast.scrub_spans), key=lambda x: x[0])
+        else:
+            done.append(scrubbed)
     result.lines_read = fast.lines_read if job.path else 0
-    reference = _python_records(slow, job, result)
-    _merge(fast, fast_positions, reference).finish(job, result)
+    done.append(_python_records(slow, job, result))
+    _merge(fast, positions[fast.fast], done).finish(job, result)
     return result
+
+
+def _scrub_and_finish(
+    fast: fastpass.FastColumns, positions: np.ndarray, job: ChunkJob, result: ChunkResult
+) -> Records | None:
+    """The records the C pass did all but the PII scrub of: scrubbed here (one scan for all),
+    then keyed, written and sketched by the C pass again (as trusted OpenAI records with
+    their labels; lengths stay those before the scrub, as the Python path has them). None
+    if the second pass is not sure of one of them."""
+    records = [orjson.loads(line) for line in fast.scrub_lines.splitlines()]
+    turns = [m for r in records for m in r["messages"]]
+    scrubber = PiiScrubber()
+    for i, text in scrubber.scrub_changes([m["content"] for m in turns]).items():
+        turns[i]["content"] = text
+    block = b"\n".join(map(orjson.dumps, records))
+    again = fastpass.run(
+        dataclasses.replace(job, format="openai", trusted=True, spans=b""), block, None
+    )
+    if again is None or len(again.fast) != len(records):
+        return None
+    result.pii.update(scrubber.counts)
+    offsets = np.zeros(len(records) + 1, dtype=np.int64)
+    np.cumsum(again.line_bytes, out=offsets[1:])
+    return Records(
+        positions=positions.tolist(),
+        ids=again.ids,
+        lines=[again.blob[a:b] for a, b in itertools.pairwise(offsets.tolist())],
+        keys=[again.keys[i : i + 8] for i in range(0, len(again.keys), 8)],
+        order=[again.order[i : i + 8] for i in range(0, len(again.order), 8)],
+        categories=again.categories,
+        sources=again.sources,
+        input_chars=fast.scrub_input_chars.tolist(),
+        output_chars=fast.scrub_output_chars.tolist(),
+        signatures=again.signatures,
+    )
 
 
 def _array_items(job: ChunkJob) -> list[tuple[int, Any]]:
@@ -336,7 +388,7 @@ def _python_records(items: list[tuple[int, Any]], job: ChunkJob, result: ChunkRe
         turns = [m for v in valid for m in v[2]]
         for i, text in scrubber.scrub_changes([m["content"] for m in turns]).items():
             turns[i]["content"] = text
-        result.pii = scrubber.counts
+        result.pii.update(scrubber.counts)
 
     out = Records()
     ids, categories, sources = out.ids, out.categories, out.sources
@@ -372,8 +424,41 @@ def _python_records(items: list[tuple[int, Any]], job: ChunkJob, result: ChunkRe
     return out
 
 
-def _merge(fast: fastpass.FastColumns, positions: np.ndarray, slow: Records) -> Records:
-    """The fast pass's records and the Python path's, in the order of their positions."""
+def _combine(parts: list[Records], num_perm: int | None) -> Records:
+    """Several sets of kept records as one, in the order of their positions; with their
+    signatures when ``num_perm`` is given."""
+    parts = [p for p in parts if p.positions]
+    for part in parts:
+        if num_perm is not None and part.signatures is None:
+            part.signatures = dedupe.signatures(part.texts, num_perm=num_perm)
+    if len(parts) <= 1:
+        return parts[0] if parts else Records()
+    order = np.argsort(np.concatenate([p.positions for p in parts]), kind="stable").tolist()
+
+    def joined(name: str) -> list[Any]:
+        every = [x for p in parts for x in getattr(p, name)]
+        return [every[i] for i in order]
+
+    return Records(
+        positions=joined("positions"),
+        ids=joined("ids"),
+        lines=joined("lines"),
+        keys=joined("keys"),
+        order=joined("order"),
+        categories=joined("categories"),
+        sources=joined("sources"),
+        input_chars=joined("input_chars"),
+        output_chars=joined("output_chars"),
+        signatures=None
+        if num_perm is None
+        else np.concatenate([p.signatures for p in parts if p.signatures is not None])[order],
+    )
+
+
+def _merge(fast: fastpass.FastColumns, positions: np.ndarray, others: list[Records]) -> Records:
+    """The fast pass's records and the others', in the order of their positions."""
+    num_perm = None if fast.signatures is None else fast.signatures.shape[1]
+    slow = _combine(others, num_perm)
     n_fast, n_slow = len(positions), len(slow.positions)
     if not n_slow:
         return Records(
@@ -417,9 +502,8 @@ def _merge(fast: fastpass.FastColumns, positions: np.ndarray, slow: Records) -> 
 
     sizes = np.fromiter(map(len, slow.lines), dtype=np.uint32, count=n_slow)
     sigs = None
-    if fast.signatures is not None:
-        slow_sigs = dedupe.signatures(slow.texts, num_perm=fast.signatures.shape[1])
-        sigs = np.concatenate([fast.signatures, slow_sigs])[merged]
+    if fast.signatures is not None and slow.signatures is not None:
+        sigs = np.concatenate([fast.signatures, slow.signatures])[merged]
     return Records(
         positions=pick(positions.tolist(), slow.positions),
         ids=pick(fast.ids, slow.ids),

@@ -73,6 +73,13 @@ class FastColumns:
     fast: np.ndarray  # int64 line indices, ascending
     slow: np.ndarray
     slow_spans: np.ndarray  # (len(slow), 2) int64: where each slow line is in the block
+    # Lines done but for the PII scrub: indices, spans, each record in chat form with its
+    # labels (an OpenAI JSON line), its lengths before the scrub.
+    scrub: np.ndarray
+    scrub_spans: np.ndarray
+    scrub_lines: bytes
+    scrub_input_chars: np.ndarray
+    scrub_output_chars: np.ndarray
     blob: bytes  # the output lines of the fast records, one after the other
     line_bytes: np.ndarray  # uint32
     keys: bytes  # 8 bytes per record
@@ -120,27 +127,18 @@ def run(job: ChunkJob, block: bytes, items: list[tuple[int, Any]] | None) -> Fas
         source_json,
         *(sketch_args(rules.num_perm) if rules.near_dedupe else (0, 0, b"")),
     )
-    (
-        lines_read,
-        fast,
-        slow,
-        spans,
-        blob,
-        line_bytes,
-        keys,
-        order,
-        ids,
-        cats,
-        srcs,
-        ins,
-        outs,
-        sigs,
-    ) = out
+    (lines_read, fast, slow, spans, scrub, scrub_spans, scrub_lines, scrub_in, scrub_out) = out[:9]
+    (blob, line_bytes, keys, order, ids, cats, srcs, ins, outs, sigs) = out[9:]
     return FastColumns(
         lines_read=lines_read,
         fast=np.frombuffer(fast, dtype=np.uint32).astype(np.int64),
         slow=np.frombuffer(slow, dtype=np.uint32).astype(np.int64),
         slow_spans=np.frombuffer(spans, dtype=np.uint64).astype(np.int64).reshape(-1, 2),
+        scrub=np.frombuffer(scrub, dtype=np.uint32).astype(np.int64),
+        scrub_spans=np.frombuffer(scrub_spans, dtype=np.uint64).astype(np.int64).reshape(-1, 2),
+        scrub_lines=scrub_lines,
+        scrub_input_chars=np.frombuffer(scrub_in, dtype=np.uint32),
+        scrub_output_chars=np.frombuffer(scrub_out, dtype=np.uint32),
         blob=blob,
         line_bytes=np.frombuffer(line_bytes, dtype=np.uint32),
         keys=keys,

@@ -380,7 +380,43 @@ def test_the_fast_pass_does_the_common_case(tmp_path: Path):
     odd[-1]["instruction"] = "short"
     done = fastpass.run(job, b"\n".join(orjson.dumps(r) for r in odd), None)
     assert done is not None
-    assert done.slow.tolist() == [0, 1, 2, 3]
+    assert done.slow.tolist() == [1, 2, 3]
+    # A PII candidate is done but for the scrub, which Python does on its texts only.
+    assert done.scrub.tolist() == [0] and b"a@b.io" in done.scrub_lines
+
+
+@pytest.mark.parametrize("domain", ["risk", " padded", "crédit"])
+def test_pii_records_are_scrubbed_in_python_and_finished_in_c(domain: str):
+    rng = random.Random(4)
+    rows = [
+        {"instruction": sentence(rng, 80), "input": "", "output": sentence(rng, 200) + pii}
+        for pii in ("", " call (555) 123-4567", " mail a.b@c.io", " 10.1.2.3", " 123-45-6789")
+    ] * 3
+    block = b"\n".join(orjson.dumps(r) for r in rows)
+    rules = Rules()
+    job = ChunkJob(
+        items=[],
+        format=None,
+        domain=domain,
+        source="s",
+        trusted=False,
+        rules=rules,
+        block=block,
+        first_line=1,
+    )
+    fast = process_chunk(job)
+    slow = process_chunk(
+        dataclasses.replace(job, rules=dataclasses.replace(rules, fast_path=False))
+    )
+    assert fast.lines == slow.lines and fast.pii == slow.pii and fast.pii["phone"] == 3
+    assert np.array_equal(fast.signatures, slow.signatures)
+    assert fast.input_chars == slow.input_chars and fast.output_chars == slow.output_chars
+    # A default label the second pass cannot take as is (padded, non-ASCII): all of them go
+    # through the Python path instead, and nothing changes.
+    done = fastpass.run(job, block, None)
+    assert done is not None and len(done.scrub) == 12
+    finished = chunks._scrub_and_finish(done, done.scrub + 1, job, chunks.ChunkResult())
+    assert (finished is None) == (domain != "risk")
 
 
 def _luhn_number(rng: random.Random, n: int) -> str:
