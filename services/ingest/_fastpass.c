@@ -1310,8 +1310,14 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastpass",
                                     "ingest's per-record fast path (see chunks.py)", -1, methods};
 
+/* The interface version: fastpass.py uses only a module that says the one it expects (a
+ * stale build left in place by an editable install is not used). */
+#define FASTPASS_ABI 1
+
 PyMODINIT_FUNC PyInit__fastpass(void) {
     init_classes();
     init_error_literals();
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddIntConstant(m, "ABI", FASTPASS_ABI)) Py_CLEAR(m);
+    return m;
 }

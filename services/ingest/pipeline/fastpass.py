@@ -36,10 +36,16 @@ log = logging.getLogger(__name__)
 
 _FORMAT_CODES = {None: 0, "alpaca": 1, "openai": 2, "sharegpt": 3}
 
+# The interface this module speaks (FASTPASS_ABI in _fastpass.c); bump both together.
+ABI = 1
+
 native: ModuleType | None
 try:
     native = importlib.import_module("services.ingest._fastpass")
     _IMPORT_ERROR = ""
+    if getattr(native, "ABI", None) != ABI:  # built from an older _fastpass.c: rebuild it
+        _IMPORT_ERROR = f"stale build (ABI {getattr(native, 'ABI', None)}, want {ABI})"
+        native = None
 except ImportError as exc:  # not built (no compiler when installed): the Python path only
     native = None
     _IMPORT_ERROR = str(exc)
@@ -57,7 +63,7 @@ def wanted() -> bool:
         if not _logged:
             _logged = True
             log.warning(
-                "ingest fast path off (extension not built: %s); using the Python path",
+                "ingest fast path off (%s; pip install -e . builds it); using the Python path",
                 _IMPORT_ERROR,
             )
         return False
