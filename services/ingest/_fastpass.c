@@ -387,20 +387,25 @@ static void init_error_literals(void) {
     for (size_t k = 0; k < N_ERROR_LITERALS; k++) {
         const unsigned char *lit = (const unsigned char *)ERROR_LITERALS[k];
         error_len[k] = strlen(ERROR_LITERALS[k]);
-        unsigned h = prefix_hash(lit); /* every literal has at least 5 bytes */
-        error_prefix[h >> 3] |= (uint8_t)(1u << (h & 7));
+        /* Bytes 0-3 and 1-4 (every literal has at least 5): a literal at an odd offset is
+         * seen by the window one byte into it, so only even offsets are looked at. */
+        for (int at = 0; at < 2; at++) {
+            unsigned h = prefix_hash(lit + at);
+            error_prefix[h >> 3] |= (uint8_t)(1u << (h & 7));
+        }
     }
 }
 
 /* In lowercased text. */
 static int error_candidate(const char *text, size_t n) {
     const unsigned char *s = (const unsigned char *)text;
-    for (size_t i = 0; i + 4 <= n; i++) {
+    for (size_t i = 0; i + 4 <= n; i += 2) {
         unsigned h = prefix_hash(s + i);
         if (__builtin_expect(!(error_prefix[h >> 3] & (1u << (h & 7))), 1)) continue;
-        for (size_t k = 0; k < N_ERROR_LITERALS; k++)
-            if (i + error_len[k] <= n && memcmp(s + i, ERROR_LITERALS[k], error_len[k]) == 0)
-                return 1;
+        for (size_t at = i ? i - 1 : 0; at <= i; at++)
+            for (size_t k = 0; k < N_ERROR_LITERALS; k++)
+                if (at + error_len[k] <= n && memcmp(s + at, ERROR_LITERALS[k], error_len[k]) == 0)
+                    return 1;
     }
     return 0;
 }
