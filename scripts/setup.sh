@@ -38,6 +38,15 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 else
   echo "setup: .venv is up to date"
 fi
+# Compiled parts (ingest's fast path, built in place by the editable install): rebuilt when
+# their sources change, without reinstalling the dependencies. Without a C compiler the
+# install still succeeds and ingest runs its Python path.
+native_stamp=.venv/.tuneloop-native
+native=$(cat services/ingest/_fastpass.c services/ingest/xxhash.h | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$native_stamp" 2>/dev/null)" != "$native" ]; then
+  echo "setup: building ingest's fast path (services/ingest/_fastpass.c)"
+  .venv/bin/python -m pip install -q --no-deps -c constraints.txt -e . && echo "$native" > "$native_stamp"
+fi
 
 # Headless Chromium for the dashboard's browser tests (Debian's package; never a download of
 # a browser build). Only where we may install system packages.
