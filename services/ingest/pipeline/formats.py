@@ -9,6 +9,7 @@ its line (or array position) and never stops the rest of the file.
 from __future__ import annotations
 
 import gzip
+import importlib
 import io
 import zlib
 from collections.abc import Generator, Iterator
@@ -18,6 +19,12 @@ from typing import Any, BinaryIO, Literal
 
 import ijson
 import orjson
+
+_isal_zlib: Any
+try:  # ISA-L's inflate: the same bytes as zlib's at about twice the speed (the `ingest` extra)
+    _isal_zlib = importlib.import_module("isal.isal_zlib")
+except ImportError:  # pragma: no cover  (zlib, as before)
+    _isal_zlib = None
 
 Format = Literal["alpaca", "openai", "sharegpt"]
 FormatChoice = Literal["auto", "alpaca", "openai", "sharegpt"]
@@ -118,24 +125,48 @@ def _raw_blocks(path: Path) -> Iterator[bytes]:
             while block := raw.read(BLOCK_BYTES):
                 yield block
             return
-        member = zlib.decompressobj(wbits=31)
-        started = False
-        while data := raw.read(BLOCK_BYTES // 4):
-            while data:
-                started = True
-                out = member.decompress(data, BLOCK_BYTES)
-                if out:
-                    yield out
-                if member.eof:  # the next member (gzip skips zero padding between them)
-                    data = member.unused_data.lstrip(b"\x00")
-                    member, started = zlib.decompressobj(wbits=31), False
-                else:
-                    data = member.unconsumed_tail
-        if started and not member.eof:
-            while out := member.decompress(b"", BLOCK_BYTES):  # what is left buffered
+        if _isal_zlib is None:
+            yield from _inflated(raw, zlib)
+            return
+        done = 0  # bytes given out by ISA-L
+        try:
+            for block in _inflated(raw, _isal_zlib):
+                done += len(block)
+                yield block
+            return
+        except (_isal_zlib.error, EOFError):
+            pass
+        # A damaged or cut-short file: read again by zlib, past what was given out, so the
+        # records before the damage and the error reported are zlib's, as they always were.
+        raw.seek(0)
+        for block in _inflated(raw, zlib):
+            if done >= len(block):
+                done -= len(block)
+                continue
+            yield block[done:] if done else block
+            done = 0
+
+
+def _inflated(raw: BinaryIO, inflater: Any) -> Iterator[bytes]:
+    """Gunzip ``raw`` (every member) with ``inflater`` (``zlib`` or ``isal_zlib``)."""
+    member = inflater.decompressobj(wbits=31)
+    started = False
+    while data := raw.read(BLOCK_BYTES // 4):
+        while data:
+            started = True
+            out = member.decompress(data, BLOCK_BYTES)
+            if out:
                 yield out
-            if not member.eof:
-                raise EOFError("compressed file ended before the end-of-stream marker")
+            if member.eof:  # the next member (gzip skips zero padding between them)
+                data = member.unused_data.lstrip(b"\x00")
+                member, started = inflater.decompressobj(wbits=31), False
+            else:
+                data = member.unconsumed_tail
+    if started and not member.eof:
+        while out := member.decompress(b"", BLOCK_BYTES):  # what is left buffered
+            yield out
+        if not member.eof:
+            raise EOFError("compressed file ended before the end-of-stream marker")
 
 
 def iter_line_blocks(path: Path) -> Generator[tuple[int, bytes], None, None]:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import random
+import struct
+import zlib
 from pathlib import Path
 
 import orjson
@@ -278,3 +281,53 @@ def test_byte_ranges_tile_a_file_into_its_lines(tmp_path: Path, size: int):
         block = formats.read_line_range(path, start, min(total, start + size))
         got += [raw for _, raw in formats.split_lines(1, block)]
     assert got == [raw.rstrip(b"\n") for _, raw in iter_items(path)]
+
+
+def _inflate_all(path: Path) -> tuple[bytes, str]:
+    """Every byte the block reader gives out, and how it stopped (error type and text)."""
+    got: list[bytes] = []
+    try:
+        got.extend(formats._raw_blocks(path))
+    except Exception as exc:  # compared, not handled
+        return b"".join(got), f"{type(exc).__name__}: {exc}"
+    return b"".join(got), ""
+
+
+def test_isal_inflates_what_zlib_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    assert formats._isal_zlib is not None, "isal (the ingest extra) is not installed"
+    monkeypatch.setattr(formats, "BLOCK_BYTES", 4096)  # many steps, members across them
+    body = b"".join(b'{"n": %d, "t": "%s"}\n' % (i, b"word " * (i % 40)) for i in range(3000))
+    # Several members, zero padding, a member with a name, comment, extra field and header CRC.
+    named = zlib.compressobj(9, zlib.DEFLATED, -15)
+    deflated = named.compress(body[:999]) + named.flush()
+    header = b"\x1f\x8b\x08\x1e" + b"\0" * 4 + b"\0\xff" + b"\x03\x00xyz" + b"name\0note\0"
+    header += struct.pack("<H", zlib.crc32(header) & 0xFFFF)
+    member = header + deflated + struct.pack("<II", zlib.crc32(body[:999]), 999)
+    path = tmp_path / "multi.jsonl.gz"
+    path.write_bytes(
+        member + gzip.compress(body[999:50_000], 1) + b"\0\0\0" + gzip.compress(body[50_000:], 9)
+    )
+    assert _inflate_all(path) == (body, "")
+    monkeypatch.setattr(formats, "_isal_zlib", None)
+    assert _inflate_all(path) == (body, "")
+
+
+def test_a_damaged_gzip_gives_what_zlib_gave(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Cut short or with a flipped bit anywhere (data, header, CRC, length): the same bytes
+    before the damage and the same error as zlib alone, so the same records and rejection."""
+    monkeypatch.setattr(formats, "BLOCK_BYTES", 16384)
+    body = b"".join(b'{"n": %d, "t": "%s"}\n' % (i, b"text " * (i % 70)) for i in range(4000))
+    data = gzip.compress(body[:300_000], 6) + gzip.compress(body[300_000:], 1)
+    rng = random.Random(5)
+    damaged = [data[:k] for k in (1, 5, 11, 100, len(data) // 2, len(data) - 9, len(data) - 1)]
+    for k in [*range(12), *(rng.randrange(len(data)) for _ in range(40)), len(data) - 3]:
+        flipped = bytearray(data)
+        flipped[k] ^= 1 << rng.randrange(8)
+        damaged.append(bytes(flipped))
+    path = tmp_path / "damaged.jsonl.gz"
+    for case in damaged:
+        path.write_bytes(case)
+        with_isal = _inflate_all(path)
+        with monkeypatch.context() as m:
+            m.setattr(formats, "_isal_zlib", None)
+            assert with_isal == _inflate_all(path)
