@@ -145,6 +145,38 @@ def _raising(exc: BaseException) -> Iterator[Item]:
     yield  # pragma: no cover  (makes this a generator)
 
 
+def write_splits(
+    plan: list[tuple[str, np.ndarray, np.ndarray]], train_path: Path, validation_path: Path
+) -> tuple[str, str]:
+    """Copy each chunk's kept lines into the split files (split 1 = train, 2 = validation;
+    see :meth:`Pipeline._split_plan`), in order, deleting each chunk file once copied; the
+    files' sha256 hex digests."""
+    digests = {1: hashlib.sha256(), 2: hashlib.sha256()}
+    with train_path.open("wb") as train_out, validation_path.open("wb") as val_out:
+        outs = {1: train_out, 2: val_out}
+        for name, sizes, split in plan:
+            path = Path(name)
+            if split.any():
+                offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
+                np.cumsum(sizes, out=offsets[1:])
+                bounds = [0, *(np.flatnonzero(np.diff(split)) + 1).tolist(), len(split)]
+                view = memoryview(path.read_bytes())
+                runs: dict[int, list[memoryview]] = {1: [], 2: []}
+                for a, b in itertools.pairwise(bounds):
+                    code = int(split[a])
+                    if code:
+                        runs[code].append(view[int(offsets[a]) : int(offsets[b])])
+                # One write and one hash update per split and chunk (not per run: thousands
+                # of system calls).
+                for code, pieces in runs.items():
+                    if pieces:
+                        block = b"".join(pieces)
+                        outs[code].write(block)
+                        digests[code].update(block)
+            path.unlink(missing_ok=True)
+    return digests[1].hexdigest(), digests[2].hexdigest()
+
+
 class Pipeline:
     """One run: ``Pipeline(config, ...).run(sources, ...)``."""
 
@@ -525,36 +557,18 @@ class Pipeline:
 
     # ---------------------------------------------------------------- the run
 
-    def _write_splits(
-        self, assignment: np.ndarray, outs: dict[int, Any], digests: dict[int, Any]
-    ) -> None:
-        """Copy each chunk's kept lines into the split files, a run of same-split records at
-        a time, in order; each chunk file is deleted once copied."""
+    def _split_plan(self, assignment: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """Per chunk: its file, its lines' lengths and the split of each (0 = not kept)."""
+        plan = []
         base = 0
         for path, sizes, kept in self._chunks:
             count = int(kept.sum())
-            if count:
-                split = np.zeros(len(sizes), dtype=np.uint8)  # 0 = not kept
-                split[kept] = assignment[base : base + count]
-                base += count
-                offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
-                np.cumsum(sizes, out=offsets[1:])
-                bounds = [0, *(np.flatnonzero(np.diff(split)) + 1).tolist(), len(split)]
-                view = memoryview(path.read_bytes())
-                runs: dict[int, list[memoryview]] = {1: [], 2: []}
-                for a, b in itertools.pairwise(bounds):
-                    code = int(split[a])
-                    if code:
-                        runs[code].append(view[int(offsets[a]) : int(offsets[b])])
-                # One write and one hash update per split and chunk (not per run: thousands
-                # of system calls).
-                for code, pieces in runs.items():
-                    if pieces:
-                        block = b"".join(pieces)
-                        outs[code].write(block)
-                        digests[code].update(block)
-            path.unlink(missing_ok=True)
+            split = np.zeros(len(sizes), dtype=np.uint8)
+            split[kept] = assignment[base : base + count]
+            base += count
+            plan.append((str(path), sizes, split))
         self._chunks.clear()
+        return plan
 
     def run(
         self,
@@ -576,12 +590,14 @@ class Pipeline:
         assignment = self._assign_splits()
         train_path = workdir / "train.jsonl"
         validation_path = workdir / "validation.jsonl"
-        digests = {1: hashlib.sha256(), 2: hashlib.sha256()}
-        with train_path.open("wb") as train_out, validation_path.open("wb") as val_out:
-            self._write_splits(assignment, {1: train_out, 2: val_out}, digests)
+        # The split files are written (and hashed) by a worker, idle by now, while this
+        # process builds the curriculum and the report.
+        plan = self._split_plan(assignment)
+        writing: Future[tuple[str, str]] | None = None
+        if self.executor is not None:
+            writing = self.executor.submit(write_splits, plan, train_path, validation_path)
         train_idx = np.flatnonzero(assignment == 1).tolist()
         counts = {1: len(train_idx), 2: len(assignment) - len(train_idx)}
-        self._chunk_dir.rmdir()
         self.timings["split_and_write"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -605,15 +621,23 @@ class Pipeline:
             manifest_paths[phase] = path
         self.timings["curriculum"] += time.perf_counter() - t0
 
-        kept = len(meta.ids)
+        report = self._report(bytearray(assignment.tobytes()), manifests, None, counts)
+        t0 = time.perf_counter()
+        digests = (
+            writing.result()
+            if writing is not None
+            else write_splits(plan, train_path, validation_path)
+        )
+        self._chunk_dir.rmdir()
+        self.timings["split_and_write"] += time.perf_counter() - t0
         dataset_id = None
-        if kept:
+        if meta.ids:
             h = hashlib.sha256(b"tuneloop-dataset-v1\0")
             h.update(self.dataset_name.encode() + b"\0")
             h.update(cfg.digest_input() + b"\0")
-            h.update(digests[1].hexdigest().encode() + digests[2].hexdigest().encode())
+            h.update(digests[0].encode() + digests[1].encode())
             dataset_id = f"ds-{h.hexdigest()[:32]}"
-        report = self._report(bytearray(assignment.tobytes()), manifests, dataset_id, counts)
+        report["dataset_id"] = dataset_id  # the report's second key: it keeps its place
         report["seconds"] = {k: round(v, 4) for k, v in self.timings.items()}
         report["seconds"]["total"] = round(time.perf_counter() - started, 4)
         report_path = workdir / "report.json"
