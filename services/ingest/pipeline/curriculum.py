@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -41,25 +40,31 @@ def quotas(total: int, weights: Mapping[str, float]) -> dict[str, int]:
     return {n: out.get(n, 0) for n in weights}
 
 
-def _take(records: list[str], count: int, rng: np.random.Generator) -> list[str]:
-    """``count`` records: whole shuffled passes over ``records``, then a partial one."""
-    out: list[str] = []
-    while len(out) < count:
-        order = rng.permutation(len(records))[: count - len(out)]
-        out.extend([records[i] for i in order.tolist()])
-    return out
+def _take(count: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` indices into a pool of ``size`` records: whole shuffled passes over it,
+    then a partial one."""
+    parts: list[np.ndarray] = []
+    have = 0
+    while have < count:
+        parts.append(rng.permutation(size)[: count - have])
+        have += len(parts[-1])
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
-def _longest(lengths: Sequence[int], ids: Sequence[str], k: int) -> list[int]:
+def _longest(lengths: np.ndarray, ids: Sequence[str], k: int) -> np.ndarray:
     """Indices of the ``k`` longest records, longest first, ties by id: what
     ``heapq.nsmallest(k, range(n), key=lambda i: (-lengths[i], ids[i]))`` gives, with the
     n-sized part done by numpy (only records as long as the k-th longest are sorted)."""
     if k <= 0:
-        return []
-    size = np.asarray(lengths, dtype=np.int64)
-    cut = np.partition(size, len(size) - k)[len(size) - k]  # the k-th largest length
-    candidates = np.flatnonzero(size >= cut).tolist()
-    return heapq.nsmallest(k, candidates, key=lambda i: (-lengths[i], ids[i]))
+        return np.zeros(0, dtype=np.int64)
+    cut = np.partition(lengths, len(lengths) - k)[len(lengths) - k]  # the k-th largest
+    candidates = np.flatnonzero(lengths >= cut)
+    names = [ids[i] for i in candidates.tolist()]
+    if any("\0" in name for name in names):  # numpy's strings drop trailing NULs
+        key = lambda i: (-int(lengths[i]), ids[i])  # noqa: E731
+        return np.asarray(heapq.nsmallest(k, candidates.tolist(), key=key), dtype=np.int64)
+    order = np.lexsort((np.asarray(names, dtype=str), -lengths[candidates]))
+    return candidates[order[:k]]
 
 
 def phase_b_weights(
@@ -81,50 +86,91 @@ def build_manifests(
     temperature: float,
     stress_fraction: float,
 ) -> dict[str, dict[str, Any]]:
-    by_domain: dict[str, list[str]] = defaultdict(list)
-    for record_id, domain in zip(ids, domains, strict=True):
-        by_domain[domain].append(record_id)
+    rows = manifest_rows(
+        ids,
+        domains,
+        lengths,
+        seed=seed,
+        targets=targets,
+        domain_weights=domain_weights,
+        temperature=temperature,
+        stress_fraction=stress_fraction,
+    )
+    return manifests_of(ids, rows, seed=seed)
+
+
+def manifests_of(
+    ids: Sequence[str], rows: Mapping[str, np.ndarray], *, seed: int
+) -> dict[str, dict[str, Any]]:
+    """The manifests (as written to ``curriculum-<phase>.json``) of :func:`manifest_rows`."""
+    id_array = np.empty(len(ids), dtype=object)
+    id_array[:] = ids
+    return {
+        phase: {
+            "phase": phase,
+            "description": DESCRIPTIONS[phase],
+            "seed": seed,
+            "record_ids": id_array[picked].tolist(),
+        }
+        for phase, picked in rows.items()
+    }
+
+
+def manifest_rows(
+    ids: Sequence[str],
+    domains: Sequence[str],
+    lengths: Sequence[int] | np.ndarray,
+    *,
+    seed: int,
+    targets: Mapping[str, int],
+    domain_weights: Mapping[str, float],
+    temperature: float,
+    stress_fraction: float,
+) -> dict[str, np.ndarray]:
+    """Per phase, the records it lists, as indices into ``ids``, in manifest order."""
+    code_of: dict[str, int] = {}
+    codes = np.fromiter(
+        (code_of.setdefault(d, len(code_of)) for d in domains), dtype=np.int64, count=len(ids)
+    )
+    grouped = np.argsort(codes, kind="stable")  # each domain's records, in input order
+    ends = np.cumsum(np.bincount(codes, minlength=len(code_of))).tolist()
+    by_domain = {d: grouped[(ends[c - 1] if c else 0) : ends[c]] for d, c in code_of.items()}
     n = len(ids)
     sizes = {d: len(r) for d, r in by_domain.items()}
-    manifests: dict[str, dict[str, Any]] = {}
+    rows: dict[str, np.ndarray] = {}
+    empty = np.zeros(0, dtype=np.int64)
 
     rng = np.random.default_rng([seed % 2**32, 0])
     target_a = targets.get("A", n)
-    order_a: list[str] = []
-    for domain, count in sorted(quotas(target_a, sizes).items()):
-        order_a += _take(by_domain[domain], count, rng)
-    manifests["A"] = {
-        "phase": "A",
-        "description": DESCRIPTIONS["A"],
-        "seed": seed,
-        "record_ids": order_a,
-    }
+    rows["A"] = np.concatenate(
+        [
+            empty,
+            *(
+                by_domain[domain][_take(count, sizes[domain], rng)]
+                for domain, count in sorted(quotas(target_a, sizes).items())
+            ),
+        ]
+    )
 
     rng = np.random.default_rng([seed % 2**32, 1])
     weights = phase_b_weights(sizes, domain_weights, temperature)
-    placed: list[tuple[float, str]] = []
+    placed: list[np.ndarray] = [np.zeros(0)]
+    picked: list[np.ndarray] = [empty]
     for domain, count in sorted(quotas(targets.get("B", n), weights).items()):
-        picks = _take(by_domain[domain], count, rng)
+        picked.append(by_domain[domain][_take(count, sizes[domain], rng)])
         # Evenly spaced positions with a random phase: domains interleave smoothly.
         phase = float(rng.random())
-        placed += [((k + phase) / count, rid) for k, rid in enumerate(picks)]
-    placed.sort()
-    manifests["B"] = {
-        "phase": "B",
-        "description": DESCRIPTIONS["B"],
-        "seed": seed,
-        "record_ids": [rid for _, rid in placed],
-    }
+        placed.append((np.arange(count) + phase) / count if count else np.zeros(0))
+    at, chosen = np.concatenate(placed), np.concatenate(picked)
+    order = np.argsort(at, kind="stable")
+    if len(at) and bool(np.any(at[order][1:] == at[order][:-1])):  # ties: by id
+        key = lambda j: (at[j], ids[int(chosen[j])])  # noqa: E731
+        order = np.asarray(sorted(range(len(at)), key=key), dtype=np.int64)
+    rows["B"] = chosen[order]
 
     rng = np.random.default_rng([seed % 2**32, 2])
     target_c = targets.get("C", max(1, math.ceil(n * stress_fraction)) if n else 0)
     # Longest first; ties by id so the choice never depends on input order.
-    longest = _longest(lengths, ids, min(target_c, n))
-    pool = [ids[i] for i in longest]
-    manifests["C"] = {
-        "phase": "C",
-        "description": DESCRIPTIONS["C"],
-        "seed": seed,
-        "record_ids": _take(pool, target_c, rng) if pool else [],
-    }
-    return manifests
+    pool = _longest(np.asarray(lengths, dtype=np.int64), ids, min(target_c, n))
+    rows["C"] = pool[_take(target_c, len(pool), rng)] if len(pool) else empty
+    return rows

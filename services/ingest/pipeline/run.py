@@ -177,6 +177,21 @@ def write_splits(
     return digests[1].hexdigest(), digests[2].hexdigest()
 
 
+def _objects(values: list[str]) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+def _counts_by_first_seen(codes: np.ndarray, names: list[str]) -> dict[str, int]:
+    """``dict(Counter(names[c] for c in codes))``: counts in order of first appearance."""
+    if not len(codes):
+        return {}
+    values, first, counts = np.unique(codes, return_index=True, return_counts=True)
+    order = np.argsort(first)
+    return {names[int(c)]: int(n) for c, n in zip(values[order], counts[order], strict=True)}
+
+
 class Pipeline:
     """One run: ``Pipeline(config, ...).run(sources, ...)``."""
 
@@ -596,22 +611,26 @@ class Pipeline:
         writing: Future[tuple[str, str]] | None = None
         if self.executor is not None:
             writing = self.executor.submit(write_splits, plan, train_path, validation_path)
-        train_idx = np.flatnonzero(assignment == 1).tolist()
-        counts = {1: len(train_idx), 2: len(assignment) - len(train_idx)}
+        train_rows = np.flatnonzero(assignment == 1)
+        counts = {1: len(train_rows), 2: len(assignment) - len(train_rows)}
         self.timings["split_and_write"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
         cfg = self.config
-        manifests = curriculum.build_manifests(
-            [meta.ids[i] for i in train_idx],
-            [meta.categories[i] for i in train_idx],
-            [meta.input_chars[i] + meta.output_chars[i] for i in train_idx],
+        train_ids = _objects(meta.ids)[train_rows].tolist()
+        lengths = np.frombuffer(meta.input_chars, dtype=np.uint32).astype(np.int64)
+        lengths += np.frombuffer(meta.output_chars, dtype=np.uint32)
+        rows = curriculum.manifest_rows(
+            train_ids,
+            _objects(meta.categories)[train_rows].tolist(),
+            lengths[train_rows],
             seed=cfg.curriculum_seed,
             targets=cfg.target_records,
             domain_weights=cfg.domain_weights,
             temperature=cfg.domain_temperature,
             stress_fraction=cfg.stress_fraction,
         )
+        manifests = curriculum.manifests_of(train_ids, rows, seed=cfg.curriculum_seed)
         manifest_paths = {}
         for phase, manifest in manifests.items():
             if not manifest["record_ids"]:  # a phase asked for 0 records: no manifest
@@ -621,7 +640,7 @@ class Pipeline:
             manifest_paths[phase] = path
         self.timings["curriculum"] += time.perf_counter() - t0
 
-        report = self._report(bytearray(assignment.tobytes()), manifests, None, counts)
+        report = self._report(assignment, train_rows, rows, counts)
         t0 = time.perf_counter()
         digests = (
             writing.result()
@@ -654,29 +673,36 @@ class Pipeline:
             train_count=counts[1],
             validation_count=counts[2],
             new_records=meta.fixed_split.count(0),
-            counts_by_category=dict(Counter(meta.categories)),
-            counts_by_source=dict(Counter(meta.sources)),
+            counts_by_category=dict(report["counts_by_category"]),
+            counts_by_source=dict(report["counts_by_source"]),
         )
 
     def _report(
         self,
-        assignment: bytearray,
-        manifests: dict[str, dict[str, Any]],
-        dataset_id: str | None,
+        assignment: np.ndarray,
+        train_rows: np.ndarray,
+        manifest_rows: dict[str, np.ndarray],
         counts: dict[int, int],
     ) -> dict[str, Any]:
+        """The run's report; its ``dataset_id`` is filled in once the split files' digests
+        are known. Counts by category are in order of first appearance, as a ``Counter``
+        over the records would give them."""
         meta, cfg = self.meta, self.config
         kept = len(meta.ids)
-        by_cat_split: dict[str, dict[str, int]] = defaultdict(lambda: {"train": 0, "validation": 0})
-        for cat, split in zip(meta.categories, assignment, strict=True):
-            by_cat_split[cat]["train" if split == 1 else "validation"] += 1
+        names = list(self._category_code)  # by code: codes are given in order of appearance
+        codes = np.frombuffer(meta.category_codes, dtype=np.uint32).astype(np.int64)
+        per_split = np.bincount(codes * 2 + (assignment == 2), minlength=2 * len(names))
+        by_cat_split = {
+            name: {"train": int(per_split[2 * c]), "validation": int(per_split[2 * c + 1])}
+            for c, name in enumerate(names)
+        }
+        train_codes = codes[train_rows]
         target = cfg.target_count
-        cat_of = {meta.ids[i]: meta.categories[i] for i in range(kept) if assignment[i] == 1}
         output_chars = np.frombuffer(meta.output_chars, dtype=np.uint32)
-        train_domains = Counter(cat_of.values())
+        train_domains = _counts_by_first_seen(train_codes, names)
         return {
             "dataset_name": self.dataset_name,
-            "dataset_id": dataset_id,
+            "dataset_id": None,
             "config": cfg.model_dump(mode="json"),
             "inputs": self.inputs,
             "records": {
@@ -697,7 +723,7 @@ class Pipeline:
                 "lsh_bands": self.rules.bands,
                 "lsh_rows": self.rules.rows,
             },
-            "counts_by_category": dict(Counter(meta.categories)),
+            "counts_by_category": _counts_by_first_seen(codes, names),
             "counts_by_source": dict(Counter(meta.sources)),
             "lengths": {
                 "input_chars": _percentiles(meta.input_chars),
@@ -723,14 +749,14 @@ class Pipeline:
                 "validation": counts[2],
                 "validation_fraction": cfg.validation_fraction,
                 "seed": cfg.split_seed,
-                "by_category": dict(by_cat_split),
+                "by_category": by_cat_split,
             },
             "curriculum": {
                 phase: {
-                    "records": len(m["record_ids"]),
-                    "by_domain": dict(Counter(map(cat_of.__getitem__, m["record_ids"]))),
+                    "records": len(picked),
+                    "by_domain": _counts_by_first_seen(train_codes[picked], names),
                 }
-                for phase, m in manifests.items()
+                for phase, picked in manifest_rows.items()
             }
             | {
                 "phase_b_weights": curriculum.phase_b_weights(

@@ -394,10 +394,12 @@ def test_stress_phase_picks_the_longest_ties_by_id_as_a_full_sort_would():
         n = rng.randint(1, 300)
         lengths = [rng.randint(1, 20) for _ in range(n)]  # many ties
         ids = [f"r{rng.randint(0, 50):03d}x{i}" for i in range(n)]
+        if rng.random() < 0.2:  # NUL in an id: the heap path, not numpy's strings
+            ids = [f"{x}\0" if rng.random() < 0.5 else x for x in ids]
         for k in (1, rng.randint(1, n), n):
             expected = heapq.nsmallest(k, range(n), key=lambda i: (-lengths[i], ids[i]))
-            assert curriculum._longest(lengths, ids, k) == expected
-    assert curriculum._longest([5, 3], ["a", "b"], 0) == []
+            assert curriculum._longest(np.asarray(lengths), ids, k).tolist() == expected
+    assert curriculum._longest(np.asarray([5, 3]), ["a", "b"], 0).tolist() == []
 
 
 @pytest.mark.parametrize("gz", [False, True])
@@ -440,3 +442,76 @@ def test_format_detection_skips_a_huge_first_line(tmp_path: Path, monkeypatch):
     out = run(tmp_path, [SourceFile(src, "d.jsonl")])  # format auto
     assert out.report["inputs"][0]["format"] == "alpaca" and out.kept == 4
     assert [e["line"] for e in out.report["rejected_examples"]] == [1]
+
+
+def _reference_manifests(ids, domains, lengths, *, seed, targets, domain_weights, **rest):
+    """The list-and-tuple version the numpy one replaced: the same manifests, bit for bit."""
+    import heapq
+    import math
+    from collections import defaultdict
+
+    def take(records, count, rng):
+        out = []
+        while len(out) < count:
+            order = rng.permutation(len(records))[: count - len(out)]
+            out.extend([records[i] for i in order.tolist()])
+        return out
+
+    by_domain = defaultdict(list)
+    for record_id, domain in zip(ids, domains, strict=True):
+        by_domain[domain].append(record_id)
+    n = len(ids)
+    sizes = {d: len(r) for d, r in by_domain.items()}
+    rng = np.random.default_rng([seed % 2**32, 0])
+    order_a = []
+    for domain, count in sorted(curriculum.quotas(targets.get("A", n), sizes).items()):
+        order_a += take(by_domain[domain], count, rng)
+    rng = np.random.default_rng([seed % 2**32, 1])
+    weights = curriculum.phase_b_weights(sizes, domain_weights, rest["temperature"])
+    placed = []
+    for domain, count in sorted(curriculum.quotas(targets.get("B", n), weights).items()):
+        picks = take(by_domain[domain], count, rng)
+        phase = float(rng.random())
+        placed += [((k + phase) / count, rid) for k, rid in enumerate(picks)]
+    placed.sort()
+    rng = np.random.default_rng([seed % 2**32, 2])
+    target_c = targets.get("C", max(1, math.ceil(n * rest["stress_fraction"])) if n else 0)
+    k = min(target_c, n)
+    longest = heapq.nsmallest(k, range(n), key=lambda i: (-lengths[i], ids[i])) if k > 0 else []
+    pool = [ids[i] for i in longest]
+    record_ids = {
+        "A": order_a,
+        "B": [rid for _, rid in placed],
+        "C": take(pool, target_c, rng) if pool else [],
+    }
+    return {
+        p: {"phase": p, "description": curriculum.DESCRIPTIONS[p], "seed": seed, "record_ids": r}
+        for p, r in record_ids.items()
+    }
+
+
+def test_curriculum_gives_what_the_list_version_gave():
+    rng = random.Random(11)
+    for _ in range(150):
+        n = rng.choice([0, 1, 2, 3, 10, 57, 500, 2000])
+        ids = list(
+            dict.fromkeys(
+                rng.choice(["r", "x", "r\0", "é", ""]) + f"{rng.getrandbits(20):x}"
+                if rng.random() < 0.3
+                else f"r{i:05d}"
+                for i in range(n)
+            )
+        )
+        domains = [rng.choice("bazmqc"[: rng.randint(1, 6)]) for _ in ids]
+        lengths = [rng.choice([rng.randint(1, 30), rng.randint(1, 5000)]) for _ in ids]
+        kwargs = dict(
+            seed=rng.randint(0, 2**40),
+            targets=rng.choice(
+                [{}, {"A": rng.randint(0, 3000)}, {"B": rng.randint(0, 3000), "C": 99}, {"C": 0}]
+            ),
+            domain_weights=rng.choice([{}, {"a": 2.0, "b": 0.5}, {"a": 0.0}]),
+            temperature=rng.choice([0.5, 1.0, 0.0]),
+            stress_fraction=rng.choice([0.1, 0.5, 0.0]),
+        )
+        expected = _reference_manifests(ids, domains, lengths, **kwargs)
+        assert curriculum.build_manifests(ids, domains, lengths, **kwargs) == expected
