@@ -21,7 +21,7 @@ import zlib
 from array import array
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import compress
 from pathlib import Path
@@ -152,7 +152,14 @@ def write_splits(
     see :meth:`Pipeline._split_plan`), in order, deleting each chunk file once copied; the
     files' sha256 hex digests."""
     digests = {1: hashlib.sha256(), 2: hashlib.sha256()}
-    with train_path.open("wb") as train_out, validation_path.open("wb") as val_out:
+    # Hashing and deleting run on a thread (both let go of the GIL), beside reading and
+    # writing; in order, a few chunks behind at most.
+    behind: deque[Future[Any]] = deque()
+    with (
+        ThreadPoolExecutor(1) as helper,
+        train_path.open("wb") as train_out,
+        validation_path.open("wb") as val_out,
+    ):
         outs = {1: train_out, 2: val_out}
         for name, sizes, split in plan:
             path = Path(name)
@@ -171,9 +178,13 @@ def write_splits(
                 for code, pieces in runs.items():
                     if pieces:
                         block = b"".join(pieces)
+                        behind.append(helper.submit(digests[code].update, block))
                         outs[code].write(block)
-                        digests[code].update(block)
-            path.unlink(missing_ok=True)
+            behind.append(helper.submit(path.unlink, missing_ok=True))
+            while len(behind) > 12:
+                behind.popleft().result()
+        for done in behind:
+            done.result()
     return digests[1].hexdigest(), digests[2].hexdigest()
 
 
