@@ -21,7 +21,7 @@ import zlib
 from array import array
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from itertools import compress
 from pathlib import Path
@@ -626,32 +626,37 @@ class Pipeline:
         counts = {1: len(train_rows), 2: len(assignment) - len(train_rows)}
         self.timings["split_and_write"] += time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        cfg = self.config
-        train_ids = _objects(meta.ids)[train_rows].tolist()
-        lengths = np.frombuffer(meta.input_chars, dtype=np.uint32).astype(np.int64)
-        lengths += np.frombuffer(meta.output_chars, dtype=np.uint32)
-        rows = curriculum.manifest_rows(
-            train_ids,
-            _objects(meta.categories)[train_rows].tolist(),
-            lengths[train_rows],
-            seed=cfg.curriculum_seed,
-            targets=cfg.target_records,
-            domain_weights=cfg.domain_weights,
-            temperature=cfg.domain_temperature,
-            stress_fraction=cfg.stress_fraction,
-        )
-        manifests = curriculum.manifests_of(train_ids, rows, seed=cfg.curriculum_seed)
-        manifest_paths = {}
-        for phase, manifest in manifests.items():
-            if not manifest["record_ids"]:  # a phase asked for 0 records: no manifest
-                continue
-            path = workdir / f"curriculum-{phase}.json"
-            path.write_bytes(orjson.dumps(manifest))
-            manifest_paths[phase] = path
-        self.timings["curriculum"] += time.perf_counter() - t0
+        try:
+            t0 = time.perf_counter()
+            cfg = self.config
+            train_ids = _objects(meta.ids)[train_rows].tolist()
+            lengths = np.frombuffer(meta.input_chars, dtype=np.uint32).astype(np.int64)
+            lengths += np.frombuffer(meta.output_chars, dtype=np.uint32)
+            rows = curriculum.manifest_rows(
+                train_ids,
+                _objects(meta.categories)[train_rows].tolist(),
+                lengths[train_rows],
+                seed=cfg.curriculum_seed,
+                targets=cfg.target_records,
+                domain_weights=cfg.domain_weights,
+                temperature=cfg.domain_temperature,
+                stress_fraction=cfg.stress_fraction,
+            )
+            manifests = curriculum.manifests_of(train_ids, rows, seed=cfg.curriculum_seed)
+            manifest_paths = {}
+            for phase, manifest in manifests.items():
+                if not manifest["record_ids"]:  # a phase asked for 0 records: no manifest
+                    continue
+                path = workdir / f"curriculum-{phase}.json"
+                path.write_bytes(orjson.dumps(manifest))
+                manifest_paths[phase] = path
+            self.timings["curriculum"] += time.perf_counter() - t0
 
-        report = self._report(assignment, train_rows, rows, counts)
+            report = self._report(assignment, train_rows, rows, counts)
+        except BaseException:
+            if writing is not None:  # never leave it writing into a run that is over
+                wait([writing])
+            raise
         t0 = time.perf_counter()
         digests = (
             writing.result()

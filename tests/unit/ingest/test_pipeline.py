@@ -515,3 +515,27 @@ def test_curriculum_gives_what_the_list_version_gave():
         )
         expected = _reference_manifests(ids, domains, lengths, **kwargs)
         assert curriculum.build_manifests(ids, domains, lengths, **kwargs) == expected
+
+
+def test_a_failure_after_the_split_writer_started_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The split files are written by a worker while the curriculum is built: if that fails,
+    the run ends only once the writer has (nothing keeps writing into a run that is over)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows = records(3000, seed=12)
+    src = write_jsonl(tmp_path / "a.jsonl", rows)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("curriculum broke")
+
+    monkeypatch.setattr(curriculum, "manifest_rows", broken)
+    work = tmp_path / "run"
+    with ThreadPoolExecutor(2) as executor:
+        pipe = Pipeline(ProcessingConfig(), dataset_name="x", executor=executor)
+        with pytest.raises(RuntimeError, match="curriculum broke"):
+            pipe.run([SourceFile(src, "a.jsonl")], workdir=work)
+        assert not list((work / "chunks").iterdir())  # every chunk copied and deleted
+        kept = len(read(work / "train.jsonl")) + len(read(work / "validation.jsonl"))
+        assert kept == pipe.meta.fixed_split.count(0) == len(pipe.meta.ids) > 2500
