@@ -365,17 +365,24 @@ static int pii_candidate(const unsigned char *s, size_t n) {
     return 0;
 }
 
-/* Literals (lowercase) of which every match of validate.ERROR_TEXT contains at least one. */
+/* Literals (lowercase) of which every match of validate.ERROR_TEXT contains at least one
+ * ("m sorry" is in both "i'm sorry" and "im sorry"). Each has at least 7 bytes, so the scan
+ * below need look at every fourth offset only. */
 static const char *ERROR_LITERALS[] = {
-    "traceback (most recent call last)", "sorry", "i apologi", "as an ai language model",
+    "traceback (most recent call last)", "m sorry", "i apologi", "as an ai language model",
     "openai.", "limit reached", "limit exceeded", "insufficient_quota",
     "context_length_exceeded", "invalid_request_error", "internal server error",
     "service unavailable", "bad gateway", "gateway timeout", "error code: ", "\"error\":",
 };
 #define N_ERROR_LITERALS (sizeof ERROR_LITERALS / sizeof ERROR_LITERALS[0])
+_Static_assert(N_ERROR_LITERALS <= 16, "error_which holds 4 bits per literal");
 static size_t error_len[N_ERROR_LITERALS];
-/* The first four bytes of each literal, hashed to 16 bits, as a bit set (8 KB: in cache). */
+/* The four-byte windows at offsets 0-3 of each literal, hashed to 16 bits, as a bit set (8 KB:
+ * in cache), and for each hash which literals at which offsets have it (bit 4 * k + offset),
+ * looked at only on a hit: common windows (" an ", "text", "open") then cost one comparison,
+ * not one per literal and offset. */
 static uint8_t error_prefix[8192];
+static uint64_t error_which[65536];
 
 static inline unsigned prefix_hash(const unsigned char *p) {
     uint32_t x;
@@ -387,11 +394,12 @@ static void init_error_literals(void) {
     for (size_t k = 0; k < N_ERROR_LITERALS; k++) {
         const unsigned char *lit = (const unsigned char *)ERROR_LITERALS[k];
         error_len[k] = strlen(ERROR_LITERALS[k]);
-        /* Bytes 0-3 and 1-4 (every literal has at least 5): a literal at an odd offset is
-         * seen by the window one byte into it, so only even offsets are looked at. */
-        for (int at = 0; at < 2; at++) {
+        /* Bytes 0-3 to 3-6 (every literal has at least 7): a literal at any offset contains
+         * the window at the next multiple of four, so only those offsets are looked at. */
+        for (int at = 0; at < 4; at++) {
             unsigned h = prefix_hash(lit + at);
             error_prefix[h >> 3] |= (uint8_t)(1u << (h & 7));
+            error_which[h] |= 1ull << (4 * k + (size_t)at);
         }
     }
 }
@@ -399,13 +407,15 @@ static void init_error_literals(void) {
 /* In lowercased text. */
 static int error_candidate(const char *text, size_t n) {
     const unsigned char *s = (const unsigned char *)text;
-    for (size_t i = 0; i + 4 <= n; i += 2) {
+    for (size_t i = 0; i + 4 <= n; i += 4) {
         unsigned h = prefix_hash(s + i);
         if (__builtin_expect(!(error_prefix[h >> 3] & (1u << (h & 7))), 1)) continue;
-        for (size_t at = i ? i - 1 : 0; at <= i; at++)
-            for (size_t k = 0; k < N_ERROR_LITERALS; k++)
-                if (at + error_len[k] <= n && memcmp(s + at, ERROR_LITERALS[k], error_len[k]) == 0)
-                    return 1;
+        for (uint64_t w = error_which[h]; w; w &= w - 1) {
+            size_t bit = (size_t)__builtin_ctzll(w), k = bit >> 2, off = bit & 3;
+            if (off <= i && i - off + error_len[k] <= n
+                && memcmp(s + i - off, ERROR_LITERALS[k], error_len[k]) == 0)
+                return 1;
+        }
     }
     return 0;
 }
