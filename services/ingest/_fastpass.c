@@ -16,6 +16,9 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 
 #define XXH_INLINE_ALL
 #include "xxhash.h"
@@ -430,6 +433,27 @@ static int put_json_string(buf_t *b, const char *s, size_t n) {
     char *o = b->p + b->len;
     *o++ = '"';
     for (size_t i = 0; i < n; i++) {
+#ifdef __SSE2__
+        /* 16 bytes at a time up to the next one to escape (most text has one only every line
+         * or so); the store may run past it: the buffer has room for 6 bytes per input byte. */
+        while (i + 16 <= n) {
+            __m128i v = _mm_loadu_si128((const __m128i *)(s + i));
+            __m128i bad = _mm_or_si128(_mm_cmplt_epi8(v, _mm_set1_epi8(0x20)), /* and >= 0x80 */
+                                       _mm_or_si128(_mm_cmpeq_epi8(v, _mm_set1_epi8('"')),
+                                                    _mm_cmpeq_epi8(v, _mm_set1_epi8('\\'))));
+            unsigned mask = (unsigned)_mm_movemask_epi8(bad);
+            _mm_storeu_si128((__m128i *)o, v);
+            if (mask) {
+                unsigned k = (unsigned)__builtin_ctz(mask);
+                o += k;
+                i += k;
+                break;
+            }
+            o += 16;
+            i += 16;
+        }
+        if (i == n) break;
+#endif
         unsigned char ch = (unsigned char)s[i];
         if (cls[ch] & C_PLAIN) {
             *o++ = (char)ch;
