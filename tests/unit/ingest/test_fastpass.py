@@ -365,6 +365,34 @@ def test_chunks_are_the_same_field_by_field(fmt: str | None, trusted: bool):
     assert done is not None and len(done.fast) > len(lines) // 4
 
 
+def test_strings_with_escapes_at_every_offset_are_written_as_orjson_writes_them():
+    # The C pass copies 16 plain bytes at a time: an escape before, at and after each block
+    # boundary, in contents, labels and ids, one or several in a row.
+    rng = random.Random(11)
+    lines = []
+    for n in range(0, 50):
+        for esc in ['"', "\\", "\n", "\t", "\x01", "\x1f", "\x7f", '\\"\n']:
+            body = list(sentence(rng, 60).replace("\n", " ")[:n])
+            body.insert(rng.randint(0, len(body)), esc)
+            text = "".join(body)
+            rec = {"instruction": "q " * 20 + text, "input": "", "output": "a " * 30 + text}
+            rec |= {"category": text or "c", "id": "r" + text}
+            lines.append(orjson.dumps(rec))
+    block = b"\n".join(lines) + b"\n"
+    rules = Rules(min_input_chars=20, min_output_chars=40)
+    job = ChunkJob(
+        items=[], format=None, domain="d", source="s", trusted=False, rules=rules, block=block
+    )
+    fast = process_chunk(job)
+    slow = process_chunk(
+        dataclasses.replace(job, rules=dataclasses.replace(rules, fast_path=False))
+    )
+    assert fast.lines and fast.lines == slow.lines and fast.record_ids == slow.record_ids
+    assert fast.categories == slow.categories and fast.exact_keys == slow.exact_keys
+    done = fastpass.run(job, block, None)
+    assert done is not None and len(done.fast) > len(lines) // 2
+
+
 def test_the_fast_pass_does_the_common_case(tmp_path: Path):
     rng = random.Random(3)
     rows = [
