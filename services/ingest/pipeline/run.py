@@ -316,12 +316,12 @@ class Pipeline:
                 position = item[0]
                 chunk.append(item)
                 if len(chunk) >= CHUNK_RECORDS:
-                    yield self._job(chunk, fmt, src, source)
+                    yield self._job(fmt, src, source, chunk)
                     chunk = []
         except _FILE_ERRORS as exc:
             self._reject(src.display_name, position, "file", f"unreadable from here on: {exc}")
         if chunk:
-            yield self._job(chunk, fmt, src, source)
+            yield self._job(fmt, src, source, chunk)
 
     def _array_jobs(
         self,
@@ -347,13 +347,10 @@ class Pipeline:
                         break
         stats["format"] = fmt or "unknown"
         for lo in range(0, len(spans), CHUNK_RECORDS):
-            yield ChunkJob(
-                items=[],
-                format=fmt,
-                domain=src.domain,
-                source=source,
-                trusted=src.trusted_split is not None,
-                rules=self.rules,
+            yield self._job(
+                fmt,
+                src,
+                source,
                 path=str(src.path),
                 spans=spans[lo : lo + CHUNK_RECORDS].astype(np.uint64).tobytes(),
                 first_line=lo + 1,
@@ -362,46 +359,37 @@ class Pipeline:
     def _range_jobs(self, src: SourceFile, fmt: Format | None, source: str) -> Iterator[ChunkJob]:
         size = src.path.stat().st_size
         for start in range(0, size, BLOCK_BYTES):
-            yield ChunkJob(
-                items=[],
-                format=fmt,
-                domain=src.domain,
-                source=source,
-                trusted=src.trusted_split is not None,
-                rules=self.rules,
-                path=str(src.path),
-                start=start,
-                end=min(size, start + BLOCK_BYTES),
-            )
+            end = min(size, start + BLOCK_BYTES)
+            yield self._job(fmt, src, source, path=str(src.path), start=start, end=end)
 
     def _block_jobs(self, src: SourceFile, fmt: Format | None, source: str) -> Iterator[ChunkJob]:
         first_line, block = 1, b""
         try:
             for first_line, block in iter_line_blocks(src.path):
-                yield ChunkJob(
-                    items=[],
-                    format=fmt,
-                    domain=src.domain,
-                    source=source,
-                    trusted=src.trusted_split is not None,
-                    rules=self.rules,
-                    block=block,
-                    first_line=first_line,
-                )
+                yield self._job(fmt, src, source, block=block, first_line=first_line)
         except _FILE_ERRORS as exc:
             line = first_line + block.count(b"\n") - 1 if block else 0  # the last line read
             self._reject(src.display_name, line, "file", f"unreadable from here on: {exc}")
 
-    def _job(self, chunk: list[Item], fmt: Format | None, src: SourceFile, source: str) -> ChunkJob:
-        if fmt is None and src.format == "auto":
-            fmt = None  # nothing recognisable: every record is rejected with the reason
+    def _job(
+        self,
+        fmt: Format | None,
+        src: SourceFile,
+        source: str,
+        items: list[Item] | None = None,
+        **where: Any,
+    ) -> ChunkJob:
+        """One chunk of ``src``: parsed ``items``, or where its records lie (``path`` with
+        ``spans`` or ``start``/``end``, or a ``block`` of lines). A ``fmt`` of None (nothing
+        recognisable) rejects every record with the reason."""
         return ChunkJob(
-            items=chunk,
+            items=items if items is not None else [],
             format=fmt,
             domain=src.domain,
             source=source,
             trusted=src.trusted_split is not None,
             rules=self.rules,
+            **where,
         )
 
     # ---------------------------------------------------------------- deciding
