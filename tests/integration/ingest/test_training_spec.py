@@ -114,18 +114,17 @@ async def test_dataset_submitted_passes_its_spec_on(ingest_service, tmp_path: Pa
 
 
 def test_cli_ingest_takes_a_training_spec(
-    tmp_path: Path, bus_settings, database_url: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, bus_settings, sqlite_db, monkeypatch: pytest.MonkeyPatch
 ):
+    """On SQLite only: the CLI path is the same on both databases."""
     from shared.cli import app
 
-    if not database_url.startswith("sqlite"):
-        pytest.skip("the CLI path is the same on both databases")
     path = tmp_path / "c.jsonl"
     path.write_bytes(b"\n".join(orjson.dumps(r) for r in records(10, seed=6)))
     env = {
         "TUNELOOP_NATS_URL": bus_settings.nats_url,
         "TUNELOOP_SUBJECT_PREFIX": bus_settings.prefix,
-        "DATABASE_URL": database_url,
+        "DATABASE_URL": sqlite_db.url,
         "TUNELOOP_ARTIFACT_STORE_URL": (tmp_path / "store").as_uri(),
         "TUNELOOP_HOME": str(tmp_path / "home"),
         "INGEST_WORKERS": "1",
