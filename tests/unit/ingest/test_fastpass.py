@@ -350,10 +350,7 @@ def test_chunks_are_the_same_field_by_field(fmt: str | None, trusted: bool):
         block=block,
         first_line=5,
     )
-    fast = process_chunk(job)
-    slow = process_chunk(
-        dataclasses.replace(job, rules=dataclasses.replace(rules, fast_path=False))
-    )
+    fast, slow = _both_paths(job)
     for f in dataclasses.fields(fast):
         a, b = getattr(fast, f.name), getattr(slow, f.name)
         if isinstance(a, np.ndarray):
@@ -383,10 +380,7 @@ def test_strings_with_escapes_at_every_offset_are_written_as_orjson_writes_them(
     job = ChunkJob(
         items=[], format=None, domain="d", source="s", trusted=False, rules=rules, block=block
     )
-    fast = process_chunk(job)
-    slow = process_chunk(
-        dataclasses.replace(job, rules=dataclasses.replace(rules, fast_path=False))
-    )
+    fast, slow = _both_paths(job)
     assert fast.lines and fast.lines == slow.lines and fast.record_ids == slow.record_ids
     assert fast.categories == slow.categories and fast.exact_keys == slow.exact_keys
     done = fastpass.run(job, block, None)
@@ -436,10 +430,7 @@ def test_pii_records_are_scrubbed_in_python_and_finished_in_c(domain: str):
         block=block,
         first_line=1,
     )
-    fast = process_chunk(job)
-    slow = process_chunk(
-        dataclasses.replace(job, rules=dataclasses.replace(rules, fast_path=False))
-    )
+    fast, slow = _both_paths(job)
     assert fast.lines == slow.lines and fast.pii == slow.pii and fast.pii["phone"] == 3
     assert np.array_equal(fast.signatures, slow.signatures)
     assert fast.input_chars == slow.input_chars and fast.output_chars == slow.output_chars
@@ -449,6 +440,12 @@ def test_pii_records_are_scrubbed_in_python_and_finished_in_c(domain: str):
     assert done is not None and len(done.scrub) == 12
     finished = chunks._scrub_and_finish(done, done.scrub + 1, job, chunks.ChunkResult())
     assert (finished is None) == (domain != "risk")
+
+
+def _both_paths(job: ChunkJob) -> tuple[Any, Any]:
+    """The chunk through the fast path and through the Python path (the reference)."""
+    python_rules = dataclasses.replace(job.rules, fast_path=False)
+    return process_chunk(job), process_chunk(dataclasses.replace(job, rules=python_rules))
 
 
 def _luhn_number(rng: random.Random, n: int) -> str:
@@ -633,9 +630,6 @@ def test_mutated_bytes_never_crash_and_still_give_the_same_chunk():
             block=b"\n".join(lines),
             first_line=1,
         )
-        fast = process_chunk(job)
-        slow = process_chunk(
-            dataclasses.replace(job, rules=dataclasses.replace(rules, fast_path=False))
-        )
+        fast, slow = _both_paths(job)
         assert fast.lines == slow.lines and fast.rejected == slow.rejected
         assert fast.record_ids == slow.record_ids and fast.exact_keys == slow.exact_keys
