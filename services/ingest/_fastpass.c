@@ -1038,23 +1038,28 @@ done:
 
 PyDoc_STRVAR(pii_doc, "pii_candidate(text: bytes) -> bool: the PII prefilter, for tests.");
 
-static PyObject *py_pii_candidate(PyObject *self, PyObject *arg) {
+/* A prefilter applied to a bytes-like object, as a Python bool (the test hooks below). */
+static PyObject *prefilter_on(PyObject *arg, int (*prefilter)(const unsigned char *, size_t)) {
     Py_buffer b;
     if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE)) return NULL;
-    int r = pii_candidate(b.buf, (size_t)b.len);
+    int r = prefilter(b.buf, (size_t)b.len);
     PyBuffer_Release(&b);
     return PyBool_FromLong(r);
+}
+
+static PyObject *py_pii_candidate(PyObject *self, PyObject *arg) {
+    return prefilter_on(arg, pii_candidate);
 }
 
 PyDoc_STRVAR(error_doc, "error_candidate(text: bytes) -> bool: the error-text prefilter "
                         "(on lowercased text), for tests.");
 
+static int error_candidate_bytes(const unsigned char *s, size_t n) {
+    return error_candidate((const char *)s, n);
+}
+
 static PyObject *py_error_candidate(PyObject *self, PyObject *arg) {
-    Py_buffer b;
-    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE)) return NULL;
-    int r = error_candidate(b.buf, (size_t)b.len);
-    PyBuffer_Release(&b);
-    return PyBool_FromLong(r);
+    return prefilter_on(arg, error_candidate_bytes);
 }
 
 PyDoc_STRVAR(sig_doc, "signature(text: bytes, num_perm, salt, probes) -> bytes: one MinHash "
