@@ -29,7 +29,7 @@ from services.gateway.keys import KeyInfo, KeyRing, RateLimiter
 from services.gateway.models import GatewayDeployment, GatewayFeedback, GatewayReplicaStats
 from services.gateway.routing import state as route_state
 from services.gateway.routing.policy import Decision, Slo, decide
-from services.gateway.routing.stats import LiveStats, WindowStats, merge
+from services.gateway.routing.stats import ROLLING, LiveStats, WindowStats, merge, paired_step
 from services.gateway.routing.table import Route, Upstream
 from services.gateway.settings import GatewaySettings
 from shared.aio import cancel_and_wait, wait_set
@@ -81,12 +81,13 @@ class GatewayState:
         self.upstreams: dict[str, Upstream] = {}
         self.keys = KeyRing(admin_key)
         self.limiter = RateLimiter(settings.default_rpm, settings.default_tpm)
-        self.stats = LiveStats(settings.stats_window)
+        self.stats = LiveStats(settings.stats_window, settings.slo_latency_confidence)
         self.slo = Slo(
             max_error_rate_increase=settings.slo_max_error_rate_increase,
             max_p95_ratio=settings.slo_max_p95_ratio,
             p95_slack_ms=settings.slo_p95_slack_ms,
             min_samples=settings.slo_min_samples,
+            latency_confidence=settings.slo_latency_confidence,
         )
         self.capture = CaptureSink(
             db,
@@ -102,6 +103,8 @@ class GatewayState:
         self._sync_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self.canary_ids: frozenset[str] = frozenset()
+        # Stable deployment id -> the step of the canary running beside it (paired windows).
+        self.paired: dict[str, int] = {}
         # Feedback that arrived before its interaction was written: id -> give-up time.
         self.pending_feedback: dict[int, float] = {}
         self.replica_id = uuid.uuid4().hex[:12]
@@ -114,6 +117,10 @@ class GatewayState:
         self, deployment_id: str, step: int, ok: bool, latency_ms: float | None
     ) -> None:
         self.stats.record(deployment_id, step, ok, latency_ms)
+        if step == ROLLING:
+            canary_step = self.paired.get(deployment_id)
+            if canary_step is not None:
+                self.stats.record(deployment_id, paired_step(canary_step), ok, latency_ms)
         if not ok and deployment_id in self.canary_ids:
             self._wake.set()  # judge the canary now, not at the next tick
 
@@ -234,6 +241,7 @@ class GatewayState:
                 keep[row.deployment_id] = up
         routes: dict[str, Route] = {}
         canaries: set[str] = set()
+        paired: dict[str, int] = {}
         for name, model_rows in by_model.items():
             stable = next((r for r in model_rows if r.state == "stable"), None)
             canary = next((r for r in model_rows if r.state == "canary"), None)
@@ -242,6 +250,16 @@ class GatewayState:
                 continue
             if canary is not None:
                 canaries.add(canary.deployment_id)
+                if stable is not None:
+                    paired[stable.deployment_id] = canary.step
+                    old = self.routes.get(name)
+                    if (
+                        old is None
+                        or old.canary is None
+                        or (old.canary.deployment_id != canary.deployment_id)
+                    ):
+                        # A new canary: compare it with the stable from now on only.
+                        self.stats.forget_paired(stable.deployment_id)
             routes[name] = Route(
                 served_model_name=name,
                 stable=keep[stable.deployment_id] if stable else None,
@@ -260,6 +278,7 @@ class GatewayState:
         self.rows = {r.deployment_id: r for r in rows}
         self.routes = routes  # one assignment: requests see the old or the new table
         self.canary_ids = frozenset(canaries)
+        self.paired = paired
 
     async def _sync_tick(self) -> None:
         await self.sync_once()
@@ -293,13 +312,16 @@ class GatewayState:
         return found
 
     def _windows(self) -> list[tuple[str, int]]:
-        """The (deployment, step) windows that matter now: each stable's and each canary's."""
+        """The (deployment, step) windows that matter now: each stable's, each canary's, and
+        the stable's window paired with its canary's step."""
         keys = []
         for route in self.routes.values():
             if route.stable is not None:
-                keys.append((route.stable.deployment_id, -1))
+                keys.append((route.stable.deployment_id, ROLLING))
             if route.canary is not None:
                 keys.append((route.canary.deployment_id, route.canary_step))
+                if route.stable is not None:
+                    keys.append((route.stable.deployment_id, paired_step(route.canary_step)))
         return keys
 
     async def publish_stats(self) -> None:
@@ -313,6 +335,7 @@ class GatewayState:
                     "errors": w.errors,
                     "p50_ms": w.p50_ms,
                     "p95_ms": w.p95_ms,
+                    "p95_low_ms": w.p95_low_ms,
                     "latency_samples": w.latency_samples,
                     "updated_at": now,
                 }
@@ -355,6 +378,7 @@ class GatewayState:
                         requests=r.requests,
                         errors=r.errors,
                         p95_ms=r.p95_ms,
+                        p95_low_ms=r.p95_low_ms,
                         p50_ms=r.p50_ms,
                         latency_samples=r.latency_samples,
                     )
@@ -410,8 +434,11 @@ class GatewayState:
             if row is None or row.state != "canary":
                 continue
             canary_stats = self.combined(canary.deployment_id, row.step)
+            # The reference: the stable's outcomes of the same period as this canary step.
             stable_stats = (
-                self.combined(route.stable.deployment_id, -1) if route.stable else canary_stats
+                self.combined(route.stable.deployment_id, paired_step(row.step))
+                if route.stable
+                else canary_stats
             )
             started = row.step_started_at or row.updated_at
             decision = decide(

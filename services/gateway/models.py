@@ -98,5 +98,6 @@ class GatewayReplicaStats(SQLModel, table=True):
     errors: int = Field(sa_column=Column(Integer, nullable=False))
     p50_ms: float | None = Field(default=None, sa_column=Column(Float))
     p95_ms: float | None = Field(default=None, sa_column=Column(Float))
+    p95_low_ms: float | None = Field(default=None, sa_column=Column(Float))
     latency_samples: int = Field(sa_column=Column(Integer, nullable=False))
     updated_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))

@@ -48,6 +48,9 @@ class GatewaySettings(BaseSettings):
     slo_p95_slack_ms: float = Field(default=50.0, ge=0)
     # Fewest canary outcomes before the SLO is judged (errors and latency).
     slo_min_samples: int = Field(default=20, ge=1)
+    # The canary's p95 counts as above the limit only when its lower confidence bound is:
+    # higher = fewer false rollbacks from a few slow requests, slower to catch a real one.
+    slo_latency_confidence: float = Field(default=0.99, ge=0.5, le=0.9999)
     stats_window: int = Field(default=2000, ge=10, description="latency samples kept")
     control_interval_s: float = Field(default=0.5, gt=0)
     # How often each replica re-reads routes and keys from the DB (replica convergence).

@@ -16,6 +16,7 @@ class Slo:
     max_p95_ratio: float = 1.5
     p95_slack_ms: float = 50.0
     min_samples: int = 20
+    latency_confidence: float = 0.99  # for the reason text; the bound is computed in stats
 
 
 @dataclass(frozen=True)
@@ -34,16 +35,21 @@ def slo_breach(canary: WindowStats, stable: WindowStats, slo: Slo) -> str | None
                 f"error rate {canary.error_rate:.3f} > stable {stable.error_rate:.3f} "
                 f"+ {slo.max_error_rate_increase:.3f} over {canary.requests} requests"
             )
+    # Latency: the canary's p95 is judged by its lower confidence bound (stats.p95_lower_bound)
+    # against the stable's sample p95 over the same period, so a few unlucky requests are not
+    # a regression but a canary that is really slower is.
     if (
-        canary.p95_ms is not None
+        canary.p95_low_ms is not None
+        and canary.p95_ms is not None
         and stable.p95_ms is not None
         and canary.latency_samples >= slo.min_samples
         and stable.latency_samples >= slo.min_samples
     ):
         limit = stable.p95_ms * slo.max_p95_ratio + slo.p95_slack_ms
-        if canary.p95_ms > limit:
+        if canary.p95_low_ms > limit:
             return (
-                f"p95 latency {canary.p95_ms:.1f} ms > {limit:.1f} ms "
+                f"p95 latency {canary.p95_ms:.1f} ms (at least {canary.p95_low_ms:.1f} ms "
+                f"with {slo.latency_confidence:.0%} confidence) > {limit:.1f} ms "
                 f"(stable p95 {stable.p95_ms:.1f} ms x {slo.max_p95_ratio} + {slo.p95_slack_ms})"
             )
     return None

@@ -83,7 +83,9 @@ async def test_canary_promote_rollback_refuse_restart_replicas(
         assert set(split) == {"base-1", "cand-a"}
         assert 0.1 < split["cand-a"] / 300 < 0.3, split  # 20% ± sampling noise
         again = await _traffic(gw, key, [f"user{i}" for i in range(300)])
-        assert again == split  # the same users land on the same deployment
+        row_a = gw.state.rows["cand-a"]
+        why = (row_a.state, row_a.weight, row_a.reason, gw.state.routes[MODEL].canary)
+        assert again == split, why  # the same users land on the same deployment
 
         # ---- good live stats: advance, then promote
         gw.state.settings.step_min_requests = 6

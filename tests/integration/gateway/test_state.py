@@ -132,7 +132,7 @@ async def test_handlers_are_idempotent_and_transitions_conditional(db: Database)
     async with db.session() as session:
         assert (
             await session.exec(select(func.count()).select_from(GatewayReplicaStats))
-        ).one() == 4
+        ).one() == 6  # per replica: the stable's rolling and paired windows, the canary's
 
     # A failed evaluation: refused, and it cannot be given traffic or pinned.
     bad = deployed("bad")
@@ -224,6 +224,45 @@ async def _states(db: Database) -> dict[str, tuple[str, bool]]:
     async with db.session() as session:
         rows = (await session.exec(select(GatewayDeployment))).all()
     return {r.deployment_id: (r.state, r.retired_at is not None) for r in rows}
+
+
+async def test_canary_is_judged_against_the_stable_of_the_same_period(db: Database):
+    """A slow spell on the gateway itself (GC pause, busy host) slows the canary's and the
+    stable's requests alike: no rollback, even though the stable's rolling window is mostly
+    older, fast outcomes. A canary that is slow on its own is still rolled back."""
+    settings = GatewaySettings(slo_min_samples=5, step_min_requests=10_000)
+    state = GatewayState(settings, db, DbOutbox(db), admin_key=None)
+    base, cand = deployed("base", "baseline"), deployed("cand")
+    await on_model_deployed(base, state=state, probe=no_probe)
+    for _ in range(1000):  # before the canary: a long history of fast answers
+        state.record_outcome("base", -1, True, 5.0)
+    await on_model_deployed(cand, state=state, probe=no_probe)
+    await on_evaluation_completed(evaluated(cand, True), state=state)
+    assert state.routes["m"].canary is not None
+    for i in range(80):  # a slow spell: 2 in 5 requests take 600 ms, on both deployments
+        state.record_outcome("base", -1, True, 600.0 if i % 5 < 2 else 5.0)
+    for i in range(20):
+        state.record_outcome("cand", 0, True, 600.0 if i % 5 < 2 else 5.0)
+    assert state.combined("base", -1).p95_ms == 5.0  # the rolling window hides the spell
+    assert await state.control_once() == []
+    assert state.rows["cand"].state == "canary"
+
+    for _ in range(20):  # now the canary alone is slow
+        state.record_outcome("cand", 0, True, 2000.0)
+    for _ in range(80):
+        state.record_outcome("base", -1, True, 5.0)
+    [rolled_back] = await state.control_once()
+    assert rolled_back.action == "rolled_back" and "p95 latency" in rolled_back.reason
+    assert state.rows["cand"].state == "rolled_back"
+
+    # The next canary is compared with the stable from its own start, not the last one's.
+    assert state.stats.get("base", -2).requests == 160
+    nxt = deployed("cand2")
+    await on_model_deployed(nxt, state=state, probe=no_probe)
+    await on_evaluation_completed(evaluated(nxt, True), state=state)
+    assert state.stats.get("base", -2).requests == 0
+    state.record_outcome("base", -1, True, 5.0)
+    assert state.stats.get("base", -2).requests == 1
 
 
 async def test_retirement_drops_unrouted_rolls_back_canaries_and_keeps_a_marked_stable(
