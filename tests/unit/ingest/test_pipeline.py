@@ -539,3 +539,73 @@ def test_a_failure_after_the_split_writer_started_waits_for_it(
         assert not list((work / "chunks").iterdir())  # every chunk copied and deleted
         kept = len(read(work / "train.jsonl")) + len(read(work / "validation.jsonl"))
         assert kept == pipe.meta.fixed_split.count(0) == len(pipe.meta.ids) > 2500
+
+
+def test_split_assignment_ranks_as_a_full_lexsort_would_ties_included():
+    """New records go to validation per category by (split order, arrival): the quicksort
+    shortcut must rank exactly as the stable two-key sort, with ties in the order hash
+    (none in practice, but the result must not depend on that) and previous-version rows."""
+    rng = np.random.default_rng(5)
+    for trial in range(300):
+        n = int(rng.integers(1, 400))
+        categories = int(rng.integers(1, 8))
+        pipe = Pipeline(ProcessingConfig(validation_fraction=0.25), dataset_name="x")
+        meta = pipe.meta
+        high = 30 if trial % 2 else 2**63  # small: many ties in the order hash
+        order = rng.integers(0, high, n, dtype=np.uint64)
+        codes = rng.integers(0, categories, n).astype(np.uint32)
+        fixed = rng.choice(np.array([0, 0, 0, 1, 2], dtype=np.uint8), n)
+        cuts = np.sort(rng.integers(0, n + 1, 3))
+        meta.split_order = np.split(order, cuts)
+        meta.category_codes.extend(codes.tolist())
+        meta.fixed_split.extend(fixed.tobytes())
+        pipe._category_code = {f"c{c}": c for c in range(categories)}
+
+        expected = fixed.copy()
+        new = np.flatnonzero(fixed == 0)
+        ranked = np.lexsort((order[new], codes[new]))
+        for code in range(categories):
+            group = new[ranked][codes[new][ranked] == code]
+            n_val = int(np.floor(len(group) * 0.25 + 0.5))
+            expected[group] = 1
+            expected[group[:n_val]] = 2
+        assert pipe._assign_splits().tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("digest_first", [True, False])
+def test_split_files_and_digests_come_out_the_same_whichever_job_runs_first(
+    tmp_path: Path, digest_first: bool
+):
+    """The train file is hashed by one job and written by another, from the same chunk
+    files, each of which the second of the two to be done with it deletes."""
+    import hashlib
+
+    from services.ingest.pipeline.run import split_digest, write_splits
+
+    rng = random.Random(9)
+    plan, expected = [], {1: b"", 2: b""}
+    for c in range(6):
+        lines = [f'{{"n": "{c}-{i}-{"x" * rng.randint(0, 3000)}"}}\n'.encode() for i in range(50)]
+        split = np.asarray([rng.choice([0, 1, 1, 1, 2]) for _ in lines], dtype=np.uint8)
+        if c == 2:
+            split[:] = 0  # nothing kept: its file may not even exist
+        path = tmp_path / "chunks" / f"{c:07d}.jsonl"
+        path.parent.mkdir(exist_ok=True)
+        if c != 2:
+            path.write_bytes(b"".join(lines))
+        for line, code in zip(lines, split.tolist(), strict=True):
+            if code:
+                expected[code] += line
+        sizes = np.asarray([len(x) for x in lines], dtype=np.uint32)
+        plan.append((str(path), sizes, split))
+    train, validation = tmp_path / "train.jsonl", tmp_path / "validation.jsonl"
+    if digest_first:
+        train_digest = split_digest(plan, 1)
+        validation_digest = write_splits(plan, train, validation, digest_of=2)
+    else:
+        validation_digest = write_splits(plan, train, validation, digest_of=2)
+        train_digest = split_digest(plan, 1)
+    assert train.read_bytes() == expected[1] and validation.read_bytes() == expected[2]
+    assert train_digest == hashlib.sha256(expected[1]).hexdigest()
+    assert validation_digest == hashlib.sha256(expected[2]).hexdigest()
+    assert not list((tmp_path / "chunks").iterdir())
