@@ -421,6 +421,16 @@ def main() -> None:
                     f"on {cores} idle cores ≈ {total / idle:,.0f} records/s "
                     f"(load {os.getloadavg()[0]:.1f})"
                 )
+                # Issue 3's targets, in wall time: how often a run met it says more than the
+                # best run alone on a shared machine.
+                target = 50_000 if near else 200_000
+                walls = sorted(r[0] for r in runs)
+                met = sum(total / w >= target for w in walls)
+                print(
+                    f"    wall of the {len(walls)} runs: best {walls[0]:.3f} s, median "
+                    f"{walls[len(walls) // 2]:.3f} s; {met} of {len(walls)} at ≥ {target:,} "
+                    "records/s"
+                )
                 print(
                     "    main process (wall s): "
                     + ", ".join(f"{k}={v}" for k, v in out.report["seconds"].items())
