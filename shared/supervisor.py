@@ -141,6 +141,10 @@ class Embedded:
             if child.proc is None or child.proc.poll() is None:
                 continue
             if child.next_start == 0.0:
+                # Whatever the dead service left in its process group (pool workers that
+                # missed their parent's death, a fork server) goes with it.
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(child.proc.pid, signal.SIGKILL)
                 child.next_start = now + child.backoff_s
                 notes.append(
                     f"{child.name} exited with code {child.proc.returncode}; restarting in "

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
 import os
 import shutil
 import tempfile
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from services.ingest.settings import IngestSettings
 from shared.aio import cancel_and_wait
 from shared.bus import Delivery
 from shared.events import DatasetSubmitted, TrainingSpec
+from shared.procs import worker_pool
 from shared.service import ServiceRuntime, run_service
 from shared.storage import LocalBackend
 
@@ -53,7 +53,7 @@ def make_executor(settings: IngestSettings) -> Executor | None:
     if workers <= 1:
         return None
     # forkserver: never fork a process that has an event loop and broker threads.
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
+    pool = worker_pool(workers, "forkserver")
     warm = ChunkJob(items=[], format=None, domain=None, source="", trusted=False, rules=Rules())
     for future in [pool.submit(process_chunk, warm) for _ in range(workers)]:
         future.result()

@@ -18,11 +18,9 @@ import hashlib
 import json
 import logging
 import math
-import multiprocessing
 import shutil
 import uuid
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,6 +35,7 @@ from services.quantizer.quantization.pipeline import (
 from services.quantizer.settings import QuantizerSettings
 from shared.basemodels import resolve_base_model
 from shared.events import AdapterQuantized, ArtifactRef, Event, QuantizationFailed, TrainingDone
+from shared.procs import worker_pool
 from shared.storage import ArtifactCorrupted, ArtifactError, ArtifactNotFound, UnsafeKey
 
 log = logging.getLogger(__name__)
@@ -66,7 +65,7 @@ Runner = Callable[..., Awaitable[JobReport]]
 
 async def run_in_process(job: Job, **kwargs: Any) -> JobReport:
     """Run ``job(**kwargs)`` in a fresh (spawned) process and return its result."""
-    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    pool = worker_pool(1, "spawn")
     try:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(pool, functools.partial(job, **kwargs))
