@@ -62,6 +62,7 @@ H_DEPLOYMENT = b"x-tuneloop-deployment"
 H_TRACE = b"x-tuneloop-trace-id"
 H_MODEL = b"x-tuneloop-model-id"
 NO_DEPLOYMENT = b"none"
+STREAM_DONE = b"data: [DONE]"  # an OpenAI-style stream's last event
 PATHS = {b"/v1/chat/completions": "chat", b"/v1/completions": "completions"}
 SUFFIX = {"chat": "/chat/completions", "completions": "/completions"}
 
@@ -392,9 +393,23 @@ class ProxyApp:
                         task.cancel()
                     return
 
+        async def send_tracking_the_end(message: Message) -> None:
+            # Once the whole answer is on its way (the last body message, or a stream's
+            # "data: [DONE]" event), a client that hangs up has everything: its disconnect
+            # must not cancel the rest (the outcome, the capture), only an early one does.
+            nonlocal finished
+            if message["type"] == "http.response.body" and (
+                not message.get("more_body", False)
+                or message.get("body", b"")[-32:].rstrip().endswith(STREAM_DONE)
+            ):
+                finished = True
+            await send(message)
+
         watcher = asyncio.get_running_loop().create_task(watch_disconnect())
         try:
-            await self._forward(endpoint, body, raw, choice, key, user_key, trace_id, send, started)
+            await self._forward(
+                endpoint, body, raw, choice, key, user_key, trace_id, send_tracking_the_end, started
+            )
             finished = True
         except asyncio.CancelledError:
             if client_gone:

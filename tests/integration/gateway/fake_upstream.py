@@ -31,6 +31,8 @@ class FakeUpstream:
         self.hang = False
         self.drop_connection = False
         self.break_mid_stream = False
+        # Hold the stream open this long after its "data: [DONE]" event (before the EOF).
+        self.linger_after_done_s = 0.0
         # Set: a stream pauses after its first chunk until the test sets this event.
         self.gate: asyncio.Event | None = None
         self.first_chunk_sent = asyncio.Event()
@@ -132,6 +134,8 @@ class FakeUpstream:
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
         await resp.write(b"data: [DONE]\n\n")
+        if self.linger_after_done_s:
+            await asyncio.sleep(self.linger_after_done_s)
         await resp.write_eof()
         return resp
 

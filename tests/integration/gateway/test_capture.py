@@ -232,6 +232,35 @@ async def test_a_stream_that_ends_during_shutdown_is_captured(
     assert rows[0].status_code == 200
 
 
+async def test_a_client_that_hangs_up_after_done_still_gets_its_answer_recorded(
+    gateways, upstreams, pipeline, database_url
+):
+    """The race (seen in CI through the real openai client): a client reads a stream to its
+    "data: [DONE]" event and closes the connection while the gateway still waits for the
+    upstream's end of stream. That disconnect used to cancel the request: the finished answer
+    was neither captured nor counted as a success, and the upstream call was cancelled.
+    Here the upstream holds its end of stream back, so the order is forced, not timed."""
+    up = await upstreams("base")
+    up.linger_after_done_s = 1.0
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "all of it"}], "stream": True}
+    async with gateways(database_url) as gw:
+        await pipeline.deployed("base-1", up, "baseline")
+        await eventually(lambda: MODEL in gw.state.routes, what="route")
+        auth = {"Authorization": f"Bearer {await new_key(gw)}"}
+        async with (
+            httpx.AsyncClient(base_url=base_url(gw) + "/v1", timeout=30) as http,
+            http.stream("POST", "/chat/completions", headers=auth, json=body) as resp,
+        ):
+            assert resp.status_code == 200
+            async for line in resp.aiter_lines():
+                if line.strip() == "data: [DONE]":
+                    break  # leaving the block closes the connection mid-body
+        rows = await eventually(lambda: _count(database_url, 1), timeout_s=15, what="captured")
+        assert rows[0].response_text == "base: all of it" and rows[0].status_code == 200
+        assert up.cancelled == 0
+        assert gw.state.stats.get("base-1", -1).requests == 1  # a success, not a 499
+
+
 async def test_a_stream_past_the_shutdown_grace_is_cut_and_shutdown_completes(
     gateways, upstreams, pipeline, tmp_path
 ):
