@@ -31,6 +31,13 @@ async def _rows(db_url: str) -> list[Interaction]:
         await db.dispose()
 
 
+async def _serving_base(gw, pipeline, up) -> dict[str, str]:
+    """Deploy ``up`` as the baseline ``base-1``, wait for its route; a client key's header."""
+    await pipeline.deployed("base-1", up, "baseline")
+    await eventually(lambda: MODEL in gw.state.routes, what="route")
+    return {"Authorization": f"Bearer {await new_key(gw)}"}
+
+
 async def test_capture_scrubs_pii_and_takes_feedback(gateways, upstreams, pipeline, database_url):
     up = await upstreams("base")
     async with gateways(database_url) as gw:
@@ -200,9 +207,7 @@ async def test_a_stream_that_ends_during_shutdown_is_captured(
         "stream": True,
     }
     async with gateways(database_url, shutdown_grace_s=120.0) as gw:
-        await pipeline.deployed("base-1", up, "baseline")
-        await eventually(lambda: MODEL in gw.state.routes, what="route")
-        auth = {"Authorization": f"Bearer {await new_key(gw)}"}
+        auth = await _serving_base(gw, pipeline, up)
         async with (
             httpx.AsyncClient(base_url=base_url(gw) + "/v1", timeout=60) as http,
             http.stream("POST", "/chat/completions", headers=auth, json=body) as resp,
@@ -244,9 +249,7 @@ async def test_a_client_that_hangs_up_after_done_still_gets_its_answer_recorded(
     up.linger_after_done_s = 1.0
     body = {"model": MODEL, "messages": [{"role": "user", "content": "all of it"}], "stream": True}
     async with gateways(database_url) as gw:
-        await pipeline.deployed("base-1", up, "baseline")
-        await eventually(lambda: MODEL in gw.state.routes, what="route")
-        auth = {"Authorization": f"Bearer {await new_key(gw)}"}
+        auth = await _serving_base(gw, pipeline, up)
         async with (
             httpx.AsyncClient(base_url=base_url(gw) + "/v1", timeout=30) as http,
             http.stream("POST", "/chat/completions", headers=auth, json=body) as resp,
@@ -269,9 +272,7 @@ async def test_a_stream_past_the_shutdown_grace_is_cut_and_shutdown_completes(
     url = f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}"
     body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": True}
     async with gateways(url, shutdown_grace_s=0.5) as gw:
-        await pipeline.deployed("base-1", up, "baseline")
-        await eventually(lambda: MODEL in gw.state.routes, what="route")
-        auth = {"Authorization": f"Bearer {await new_key(gw)}"}
+        auth = await _serving_base(gw, pipeline, up)
         async with (
             httpx.AsyncClient(base_url=base_url(gw) + "/v1", timeout=60) as http,
             http.stream("POST", "/chat/completions", headers=auth, json=body) as resp,
