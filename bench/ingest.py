@@ -19,7 +19,6 @@ import os
 import random
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ from services.ingest.pipeline.formats import SourceFile
 from services.ingest.pipeline.pii import PiiScrubber
 from services.ingest.pipeline.run import CHUNK_RECORDS, Pipeline, rules_for
 from services.ingest.settings import ProcessingConfig
+from shared.procs import steady_heap
 
 SEED_FILES = (
     ("risk", 23_493, "alpaca", "jsonl"),
@@ -347,6 +347,7 @@ def stage_costs(sources: list[SourceFile], config: ProcessingConfig) -> list[tup
 
 def _child_run(paths: list[str], conn) -> None:
     srcs = [SourceFile(Path(p), Path(p).name) for p in paths]
+    steady_heap()  # as the service's process has it (make_executor)
     with tempfile.TemporaryDirectory() as tmp:
         Pipeline(ProcessingConfig(), dataset_name="mem").run(srcs, workdir=Path(tmp))
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec (it would be the parent's).
@@ -380,9 +381,13 @@ def main() -> None:
             f"corpus: {total:,} records in {len(sources)} files, {size / 1e6:.1f} MB "
             f"(cpus: {os.cpu_count()}, load: {os.getloadavg()[0]:.1f})"
         )
-        executor = ProcessPoolExecutor(args.workers) if args.workers > 1 else None
-        if executor:
-            list(executor.map(abs, range(args.workers)))  # start the workers (not timed)
+        # The service's own pool (forkserver workers, steady heap), started and warmed by
+        # the service's own code: not timed, as a running service has it ready. (Imported
+        # here: the memory probe's fresh interpreter should not load the web app.)
+        from services.ingest.app import make_executor
+        from services.ingest.settings import IngestSettings
+
+        executor = make_executor(IngestSettings(workers=args.workers))
         print(
             f"\n{'mode':<28}{'workers':>8}{'best s':>9}{'records/s':>12}{'kept':>8}"
             f"{'exact':>7}{'near':>6}"

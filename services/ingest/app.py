@@ -34,7 +34,7 @@ from services.ingest.settings import IngestSettings
 from shared.aio import cancel_and_wait
 from shared.bus import Delivery
 from shared.events import DatasetSubmitted, TrainingSpec
-from shared.procs import worker_pool
+from shared.procs import steady_heap, worker_pool
 from shared.service import ServiceRuntime, run_service
 from shared.storage import LocalBackend
 
@@ -49,11 +49,14 @@ _NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._
 def make_executor(settings: IngestSettings) -> Executor | None:
     """Worker processes for the per-record work, started and warmed (imports done) now
     rather than on the first upload; None = in-process (one CPU, or tests)."""
+    # Chunks come and go as buffers of megabytes, here and in the workers: keep the freed
+    # memory for the next one rather than faulting it in again (shared/procs.py).
+    steady_heap()
     workers = settings.workers or (os.cpu_count() or 1)
     if workers <= 1:
         return None
     # forkserver: never fork a process that has an event loop and broker threads.
-    pool = worker_pool(workers, "forkserver")
+    pool = worker_pool(workers, "forkserver", steady=True)
     warm = ChunkJob(items=[], format=None, domain=None, source="", trusted=False, rules=Rules())
     for future in [pool.submit(process_chunk, warm) for _ in range(workers)]:
         future.result()
