@@ -117,6 +117,65 @@ static inline const unsigned char *plain_end(const unsigned char *p, const unsig
     return p;
 }
 
+#ifdef __SSE2__
+/* Bytes a <= v <= b, for a and b in 0x00-0x7f (a signed compare: 0x80-0xff never match). */
+static inline __m128i in_range(__m128i v, char a, char b) {
+    return _mm_and_si128(_mm_cmpgt_epi8(v, _mm_set1_epi8((char)(a - 1))),
+                         _mm_cmplt_epi8(v, _mm_set1_epi8((char)(b + 1))));
+}
+
+/* The key's whitespace (C_KEYWS: 0x09-0x0d and ' ') among 16 bytes, as a bit mask. */
+static inline unsigned keyws_mask(__m128i v) {
+    return (unsigned)_mm_movemask_epi8(
+        _mm_or_si128(in_range(v, 0x09, 0x0d), _mm_cmpeq_epi8(v, _mm_set1_epi8(' '))));
+}
+#endif
+
+/* ``n`` bytes of ``s`` lowercased (ASCII A-Z only, as ``lower``) into ``o``. */
+static inline void lower_copy(char *o, const char *s, size_t n) {
+    size_t k = 0;
+#ifdef __SSE2__
+    for (; k + 16 <= n; k += 16) {
+        __m128i v = _mm_loadu_si128((const __m128i *)(s + k));
+        __m128i up = _mm_and_si128(in_range(v, 'A', 'Z'), _mm_set1_epi8(0x20));
+        _mm_storeu_si128((__m128i *)(o + k), _mm_add_epi8(v, up));
+    }
+#endif
+    for (; k < n; k++) o[k] = (char)lower[(unsigned char)s[k]];
+}
+
+/* ``s`` without the key's whitespace (C_KEYWS) into ``o``; the length written. ``o`` needs
+ * room for n + 16 bytes and ``s`` must be readable up to s + n + 16 (both buffers are
+ * reserved with that slack): each word is copied with one 16-byte store, not byte by byte. */
+static inline size_t strip_copy(char *o, const char *s, size_t n) {
+    char *start = o;
+    size_t k = 0;
+#ifdef __SSE2__
+    for (; k + 16 <= n; k += 16) {
+        __m128i v = _mm_loadu_si128((const __m128i *)(s + k));
+        unsigned keep = ~keyws_mask(v) & 0xffffu;
+        if (keep == 0xffffu) {
+            _mm_storeu_si128((__m128i *)o, v);
+            o += 16;
+            continue;
+        }
+        while (keep) { /* each run of kept bytes: one store from where it starts */
+            unsigned a = (unsigned)__builtin_ctz(keep);
+            unsigned len = (unsigned)__builtin_ctz(~(keep >> a));
+            _mm_storeu_si128((__m128i *)o, _mm_loadu_si128((const __m128i *)(s + k + a)));
+            o += len;
+            keep &= ~((2u << (a + len - 1)) - 1u);
+        }
+    }
+#endif
+    for (; k < n; k++) {
+        char ch = s[k];
+        *o = ch;
+        o += !(cls[(unsigned char)ch] & C_KEYWS);
+    }
+    return (size_t)(o - start);
+}
+
 /* A JSON string (c->p at the opening quote), decoded into ``out``. 0 = done, -1 = not sure
  * (non-ASCII, an escape outside ASCII, a raw control byte, NUL, end of line), -2 = no memory. */
 static int parse_string(cur_t *c, buf_t *out) {
@@ -346,16 +405,25 @@ static int is_pyspace_all(const char *s, size_t n) {
 static int pii_candidate(const unsigned char *s, size_t n) {
     size_t i = 0;
     while (i < n) {
-        /* To the next digit, '@' or ':' (most text has few: a vectorised skip). */
-        while (i + 32 <= n) {
-            int any = 0;
-            for (size_t k = 0; k < 32; k++) {
-                unsigned char ch = s[i + k];
-                any |= ((unsigned char)(ch - '0') < 10) | (ch == '@') | (ch == ':');
+        /* To the next digit, '@' or ':': 64 bytes at a time, straight to the first one (text
+         * has one every ~50-100 bytes, in numbers and words like "q3"). */
+#ifdef __SSE2__
+        while (i + 64 <= n) {
+            uint64_t marks = 0;
+            for (int k = 0; k < 4; k++) {
+                __m128i v = _mm_loadu_si128((const __m128i *)(s + i + 16 * k));
+                __m128i hit = _mm_or_si128(in_range(v, '0', '9'),
+                                           _mm_or_si128(_mm_cmpeq_epi8(v, _mm_set1_epi8('@')),
+                                                        _mm_cmpeq_epi8(v, _mm_set1_epi8(':'))));
+                marks |= (uint64_t)(unsigned)_mm_movemask_epi8(hit) << (16 * k);
             }
-            if (any) break;
-            i += 32;
+            if (marks) {
+                i += (size_t)__builtin_ctzll(marks);
+                break;
+            }
+            i += 64;
         }
+#endif
         while (i < n && !(cls[s[i]] & (C_DIGIT | C_MARK))) i++;
         if (i >= n) return 0;
         if (s[i] == '@') return 1;
@@ -773,7 +841,8 @@ static int one_line(state_t *st, const rules_t *ru, const unsigned char *line, s
     buf_t *text = &st->joined;
     text->len = 0;
     for (size_t i = 0; i < nm; i++) {
-        if (buf_reserve(text, ROLE_LEN[m[i].role] + 3 + m[i].len)) return -2;
+        /* + 16: strip_copy below reads up to 16 bytes past the end. */
+        if (buf_reserve(text, ROLE_LEN[m[i].role] + 3 + m[i].len + 16)) return -2;
         if (i) text->p[text->len++] = '\n';
         memcpy(text->p + text->len, ROLE_NAME[m[i].role], ROLE_LEN[m[i].role]);
         text->len += ROLE_LEN[m[i].role];
@@ -781,7 +850,7 @@ static int one_line(state_t *st, const rules_t *ru, const unsigned char *line, s
         text->p[text->len++] = ' ';
         const char *s = arena->p + m[i].off;
         char *o = text->p + text->len;
-        for (size_t k = 0; k < m[i].len; k++) o[k] = (char)lower[(unsigned char)s[k]];
+        lower_copy(o, s, m[i].len);
         if (!ru->trusted && ru->check_error && m[i].role == R_ASSISTANT
             && error_candidate(o, m[i].len))
             return 0;
@@ -813,17 +882,8 @@ static int one_line(state_t *st, const rules_t *ru, const unsigned char *line, s
     /* Exact key: xxh3-128 of the text without whitespace. */
     buf_t *bare = &st->stripped;
     bare->len = 0;
-    if (buf_reserve(bare, text->len)) return -2;
-    {
-        char *o = bare->p;
-        const char *s = text->p;
-        for (size_t k = 0; k < text->len; k++) {
-            char ch = s[k];
-            *o = ch;
-            o += !(cls[(unsigned char)ch] & C_KEYWS);
-        }
-        bare->len = (size_t)(o - bare->p);
-    }
+    if (buf_reserve(bare, text->len + 16)) return -2;
+    bare->len = strip_copy(bare->p, text->p, text->len);
     XXH128_canonical_t key;
     XXH128_canonicalFromHash(&key, XXH3_128bits(bare->p, bare->len));
 

@@ -513,6 +513,128 @@ def test_pii_prefilter_flags_every_text_the_scrubber_changes():
     assert not native.pii_candidate(b"from 2023-01-15 to 2024-12-31, in (1990 - 2000), v1.2.3")
 
 
+_RUN = frozenset(b"0123456789 -.()")
+
+
+def _pii_rule(b: bytes) -> bool:
+    """What pii_candidate is specified to say (see _fastpass.c), one condition at a time."""
+    n = len(b)
+    if b"@" in b:
+        return True
+    for i in range(n):  # ':', up to four hex digits, ':'
+        if b[i] == 0x3A:
+            j = i + 1
+            while j < n and j <= i + 4 and chr(b[j]) in "0123456789abcdefABCDEF":
+                j += 1
+            if j < n and b[j] == 0x3A:
+                return True
+    for q in range(3, n):  # two capitals, two digits: an IBAN start
+        if b[q - 3 : q - 1].isupper() and b[q - 3 : q - 1].isalpha() and b[q - 1 : q + 1].isdigit():
+            return True
+    i = 0
+    while i < n:  # each maximal run of [0-9 -.()] with a digit in it
+        if b[i] not in _RUN:
+            i += 1
+            continue
+        start = i
+        while i < n and b[i] in _RUN:
+            i += 1
+        run = b[start:i]
+        first = next((k for k, c in enumerate(run) if 0x30 <= c <= 0x39), None)
+        if first is None:
+            continue
+        digits = sum(0x30 <= c <= 0x39 for c in run)
+        dots = run[first:].count(b".")
+        if len(run) >= 7 and (digits >= 9 or (digits >= 4 and dots >= 3)):
+            return True
+    return False
+
+
+def test_pii_prefilter_is_exactly_its_rule_at_every_offset():
+    # The C scan jumps 64 bytes at a time to the next digit, '@' or ':': texts of every
+    # length up to a few blocks, dense in near misses, against the rule written plainly.
+    rng = random.Random(12)
+    pieces = [
+        "word",
+        "Risk",
+        "q3",
+        " ",
+        "  ",
+        "-",
+        ".",
+        "(",
+        ")",
+        "12",
+        "7",
+        "2023",
+        "GB",
+        "G",
+        "82",
+        ":",
+        "ab",
+        "ffff",
+        "1.2",
+        "555",
+        "x",
+        "\n",
+        "A1",
+        "12345",
+        "1.2.3.4",
+        "db8::",
+    ]
+    flagged = 0
+    for _ in range(20_000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 60)))
+        if rng.random() < 0.02:
+            text = text[: rng.randint(0, len(text))] + "@" + text
+        data = text.encode()
+        want = _pii_rule(data)
+        flagged += want
+        assert bool(native.pii_candidate(data)) == want, data
+    assert 2_000 < flagged < 18_000  # both answers are well represented
+
+
+def test_exact_keys_ignore_every_kind_of_whitespace_at_every_offset():
+    # The C pass lowercases 16 bytes at a time and drops the key's whitespace word by word
+    # with 16-byte stores: runs of each whitespace byte, capitals and other bytes at every
+    # offset around the block edges, against the Python key.
+    rng = random.Random(13)
+    lines = []
+    for n in range(0, 70):
+        alphabet = [
+            " ",
+            "\t",
+            "\n",
+            "\r",
+            "\x0b",
+            "\x0c",
+            "\x1c",
+            "\x1f",
+            "A",
+            "Z",
+            "a",
+            "z",
+            "#",
+            "[",
+        ]
+        body = "".join(rng.choice(alphabet) for _ in range(n))
+        words = "".join(
+            rng.choice(["Word ", "tEXT\t", "x", "\n\n", "QQQQQQQQQQQQQQQQ"]) for _ in range(n // 4)
+        )
+        rec = {"instruction": "Q " * 20 + body + words, "output": "A\t" * 30 + words + body}
+        lines.append(orjson.dumps(rec))
+    block = b"\n".join(lines) + b"\n"
+    rules = Rules(min_input_chars=20, min_output_chars=40)
+    job = ChunkJob(
+        items=[], format=None, domain="d", source="s", trusted=False, rules=rules, block=block
+    )
+    fast, slow = _both_paths(job)
+    assert fast.exact_keys == slow.exact_keys and fast.record_ids == slow.record_ids
+    assert fast.lines == slow.lines
+    done = fastpass.run(job, block, None)
+    assert done is not None and len(done.fast) > len(lines) // 2
+
+
 def test_error_prefilter_flags_every_answer_with_error_text():
     rng = random.Random(6)
     hits = 0
