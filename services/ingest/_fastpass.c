@@ -19,6 +19,13 @@
 #ifdef __SSE2__
 #include <emmintrin.h>
 #endif
+/* An AVX-512 (BW + VBMI2) twin of the key stripping and lowercasing, chosen at import when
+ * the CPU has it (``simd()``; x86-64 with GCC or Clang only). */
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define HAVE_AVX512_PATH 1
+#endif
+static int use_avx512;
 
 #define XXH_INLINE_ALL
 #include "xxhash.h"
@@ -131,8 +138,58 @@ static inline unsigned keyws_mask(__m128i v) {
 }
 #endif
 
+#ifdef HAVE_AVX512_PATH
+#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vbmi2,popcnt")))
+
+AVX512_TARGET static inline __mmask64 keyws_mask64(__m512i v) {
+    return _mm512_cmple_epu8_mask(_mm512_sub_epi8(v, _mm512_set1_epi8(0x09)), _mm512_set1_epi8(4))
+           | _mm512_cmpeq_epi8_mask(v, _mm512_set1_epi8(' '));
+}
+
+/* As strip_copy; ``o`` needs room for n + 64 bytes, ``s`` is read up to s + n only. */
+AVX512_TARGET static size_t strip_copy_avx512(char *o, const char *s, size_t n) {
+    char *start = o;
+    for (size_t k = 0; k < n; k += 64) {
+        __mmask64 valid = n - k >= 64 ? ~0ull : (1ull << (n - k)) - 1;
+        __m512i v = _mm512_maskz_loadu_epi8(valid, s + k);
+        __mmask64 keep = ~keyws_mask64(v) & valid;
+        _mm512_storeu_si512((void *)o, _mm512_maskz_compress_epi8(keep, v));
+        o += _mm_popcnt_u64(keep);
+    }
+    return (size_t)(o - start);
+}
+
+AVX512_TARGET static void lower_copy_avx512(char *o, const char *s, size_t n) {
+    for (size_t k = 0; k < n; k += 64) {
+        __mmask64 valid = n - k >= 64 ? ~0ull : (1ull << (n - k)) - 1;
+        __m512i v = _mm512_maskz_loadu_epi8(valid, s + k);
+        __mmask64 up = _mm512_cmple_epu8_mask(_mm512_sub_epi8(v, _mm512_set1_epi8('A')),
+                                              _mm512_set1_epi8('Z' - 'A'));
+        _mm512_mask_storeu_epi8(o + k, valid,
+                                _mm512_mask_add_epi8(v, up, v, _mm512_set1_epi8(0x20)));
+    }
+}
+#endif
+
+/* Which twin runs: "avx512" where the CPU (and the OS) has AVX-512 BW and VBMI2, else
+ * "sse2" (or plain C); tests force "sse2" to check it on the same machine. */
+static int avx512_available(void) {
+#ifdef HAVE_AVX512_PATH
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vbmi2");
+#else
+    return 0;
+#endif
+}
+
 /* ``n`` bytes of ``s`` lowercased (ASCII A-Z only, as ``lower``) into ``o``. */
 static inline void lower_copy(char *o, const char *s, size_t n) {
+#ifdef HAVE_AVX512_PATH
+    if (use_avx512) {
+        lower_copy_avx512(o, s, n);
+        return;
+    }
+#endif
     size_t k = 0;
 #ifdef __SSE2__
     for (; k + 16 <= n; k += 16) {
@@ -145,9 +202,12 @@ static inline void lower_copy(char *o, const char *s, size_t n) {
 }
 
 /* ``s`` without the key's whitespace (C_KEYWS) into ``o``; the length written. ``o`` needs
- * room for n + 16 bytes and ``s`` must be readable up to s + n + 16 (both buffers are
+ * room for n + 64 bytes and ``s`` must be readable up to s + n + 16 (both buffers are
  * reserved with that slack): each word is copied with one 16-byte store, not byte by byte. */
 static inline size_t strip_copy(char *o, const char *s, size_t n) {
+#ifdef HAVE_AVX512_PATH
+    if (use_avx512) return strip_copy_avx512(o, s, n);
+#endif
     char *start = o;
     size_t k = 0;
 #ifdef __SSE2__
@@ -402,29 +462,50 @@ static int is_pyspace_all(const char *s, size_t n) {
  * can act on: '@' (email), two capitals then two digits (IBAN), two colons with at most four
  * hex digits between them (IPv6), a run of [0-9 -.()] of at least 7 bytes (the digit-run
  * candidate) holding at least 9 digits (SSN, card, phone) or 4 digits and 3 dots (IPv4). */
+#ifdef __SSE2__
+/* Digits, '@' and ':' among the 64 bytes from ``p``, as a bit mask. */
+static inline uint64_t pii_marks64(const unsigned char *p) {
+    uint64_t marks = 0;
+    for (int k = 0; k < 4; k++) {
+        __m128i v = _mm_loadu_si128((const __m128i *)(p + 16 * k));
+        __m128i hit = _mm_or_si128(in_range(v, '0', '9'),
+                                   _mm_or_si128(_mm_cmpeq_epi8(v, _mm_set1_epi8('@')),
+                                                _mm_cmpeq_epi8(v, _mm_set1_epi8(':'))));
+        marks |= (uint64_t)(unsigned)_mm_movemask_epi8(hit) << (16 * k);
+    }
+    return marks;
+}
+
+/* The first digit, '@' or ':' at or after ``i`` (or ``n``): 64 bytes at a time, the last
+ * ones through a window that ends at ``n`` (or a zeroed copy of a short text). */
+static inline size_t next_pii_mark(const unsigned char *s, size_t i, size_t n) {
+    for (; i + 64 <= n; i += 64) {
+        uint64_t marks = pii_marks64(s + i);
+        if (marks) return i + (size_t)__builtin_ctzll(marks);
+    }
+    if (i >= n) return n;
+    uint64_t marks;
+    if (n >= 64) {
+        marks = pii_marks64(s + n - 64) >> (64 - (n - i));
+    } else {
+        unsigned char tail[64] = {0};
+        memcpy(tail, s + i, n - i);
+        marks = pii_marks64(tail);
+    }
+    return marks ? i + (size_t)__builtin_ctzll(marks) : n;
+}
+#endif
+
 static int pii_candidate(const unsigned char *s, size_t n) {
     size_t i = 0;
     while (i < n) {
         /* To the next digit, '@' or ':': 64 bytes at a time, straight to the first one (text
          * has one every ~50-100 bytes, in numbers and words like "q3"). */
 #ifdef __SSE2__
-        while (i + 64 <= n) {
-            uint64_t marks = 0;
-            for (int k = 0; k < 4; k++) {
-                __m128i v = _mm_loadu_si128((const __m128i *)(s + i + 16 * k));
-                __m128i hit = _mm_or_si128(in_range(v, '0', '9'),
-                                           _mm_or_si128(_mm_cmpeq_epi8(v, _mm_set1_epi8('@')),
-                                                        _mm_cmpeq_epi8(v, _mm_set1_epi8(':'))));
-                marks |= (uint64_t)(unsigned)_mm_movemask_epi8(hit) << (16 * k);
-            }
-            if (marks) {
-                i += (size_t)__builtin_ctzll(marks);
-                break;
-            }
-            i += 64;
-        }
-#endif
+        i = next_pii_mark(s, i, n);
+#else
         while (i < n && !(cls[s[i]] & (C_DIGIT | C_MARK))) i++;
+#endif
         if (i >= n) return 0;
         if (s[i] == '@') return 1;
         if (s[i] == ':') {
@@ -882,7 +963,7 @@ static int one_line(state_t *st, const rules_t *ru, const unsigned char *line, s
     /* Exact key: xxh3-128 of the text without whitespace. */
     buf_t *bare = &st->stripped;
     bare->len = 0;
-    if (buf_reserve(bare, text->len + 16)) return -2;
+    if (buf_reserve(bare, text->len + 64)) return -2;
     bare->len = strip_copy(bare->p, text->p, text->len);
     XXH128_canonical_t key;
     XXH128_canonicalFromHash(&key, XXH3_128bits(bare->p, bare->len));
@@ -1416,7 +1497,25 @@ static PyObject *py_table_lookup(PyObject *self, PyObject *args) {
     return result;
 }
 
+PyDoc_STRVAR(simd_doc,
+             "simd(force=None) -> str: which twin of the vector loops runs (\"avx512\" or "
+             "\"sse2\"); force=\"sse2\" or \"avx512\" (where the CPU has it) switches, for tests.");
+static PyObject *py_simd(PyObject *self, PyObject *args) {
+    const char *force = NULL;
+    if (!PyArg_ParseTuple(args, "|z", &force)) return NULL;
+    if (force) {
+        if (strcmp(force, "sse2") == 0) use_avx512 = 0;
+        else if (strcmp(force, "avx512") == 0 && avx512_available()) use_avx512 = 1;
+        else {
+            PyErr_Format(PyExc_ValueError, "simd: %s is not available here", force);
+            return NULL;
+        }
+    }
+    return PyUnicode_FromString(use_avx512 ? "avx512" : "sse2");
+}
+
 static PyMethodDef methods[] = {
+    {"simd", py_simd, METH_VARARGS, simd_doc},
     {"array_elements", py_array_elements, METH_VARARGS, array_doc},
     {"table_insert", py_table_insert, METH_VARARGS,
      "table_insert(keys, values, table_keys, table_values, shift): dedupe.KeyIndex inserts."},
@@ -1439,6 +1538,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastpass",
 PyMODINIT_FUNC PyInit__fastpass(void) {
     init_classes();
     init_error_literals();
+    use_avx512 = avx512_available();
     PyObject *m = PyModule_Create(&module);
     if (m && PyModule_AddIntConstant(m, "ABI", FASTPASS_ABI)) Py_CLEAR(m);
     return m;
