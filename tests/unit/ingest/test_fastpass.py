@@ -362,6 +362,21 @@ def test_chunks_are_the_same_field_by_field(fmt: str | None, trusted: bool):
     assert done is not None and len(done.fast) > len(lines) // 4
 
 
+def _same_both_ways(lines: list[bytes]) -> None:
+    """These lines as one block give the same chunk through the C pass as through Python
+    (output lines, ids, exact keys, labels), and the C pass did most of them."""
+    block = b"\n".join(lines) + b"\n"
+    rules = Rules(min_input_chars=20, min_output_chars=40)
+    job = ChunkJob(
+        items=[], format=None, domain="d", source="s", trusted=False, rules=rules, block=block
+    )
+    fast, slow = _both_paths(job)
+    assert fast.lines and fast.lines == slow.lines and fast.record_ids == slow.record_ids
+    assert fast.categories == slow.categories and fast.exact_keys == slow.exact_keys
+    done = fastpass.run(job, block, None)
+    assert done is not None and len(done.fast) > len(lines) // 2
+
+
 def test_strings_with_escapes_at_every_offset_are_written_as_orjson_writes_them():
     # The C pass copies 16 plain bytes at a time: an escape before, at and after each block
     # boundary, in contents, labels and ids, one or several in a row.
@@ -375,16 +390,7 @@ def test_strings_with_escapes_at_every_offset_are_written_as_orjson_writes_them(
             rec = {"instruction": "q " * 20 + text, "input": "", "output": "a " * 30 + text}
             rec |= {"category": text or "c", "id": "r" + text}
             lines.append(orjson.dumps(rec))
-    block = b"\n".join(lines) + b"\n"
-    rules = Rules(min_input_chars=20, min_output_chars=40)
-    job = ChunkJob(
-        items=[], format=None, domain="d", source="s", trusted=False, rules=rules, block=block
-    )
-    fast, slow = _both_paths(job)
-    assert fast.lines and fast.lines == slow.lines and fast.record_ids == slow.record_ids
-    assert fast.categories == slow.categories and fast.exact_keys == slow.exact_keys
-    done = fastpass.run(job, block, None)
-    assert done is not None and len(done.fast) > len(lines) // 2
+    _same_both_ways(lines)
 
 
 def test_the_fast_pass_does_the_common_case(tmp_path: Path):
@@ -645,16 +651,7 @@ def test_exact_keys_ignore_every_kind_of_whitespace_at_every_offset(simd: str):
         )
         rec = {"instruction": "Q " * 20 + body + words, "output": "A\t" * 30 + words + body}
         lines.append(orjson.dumps(rec))
-    block = b"\n".join(lines) + b"\n"
-    rules = Rules(min_input_chars=20, min_output_chars=40)
-    job = ChunkJob(
-        items=[], format=None, domain="d", source="s", trusted=False, rules=rules, block=block
-    )
-    fast, slow = _both_paths(job)
-    assert fast.exact_keys == slow.exact_keys and fast.record_ids == slow.record_ids
-    assert fast.lines == slow.lines
-    done = fastpass.run(job, block, None)
-    assert done is not None and len(done.fast) > len(lines) // 2
+    _same_both_ways(lines)
 
 
 def test_error_prefilter_flags_every_answer_with_error_text():
