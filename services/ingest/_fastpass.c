@@ -458,10 +458,6 @@ static int is_pyspace_all(const char *s, size_t n) {
     return 1;
 }
 
-/* Could the PII scrubber change anything in this text? A superset of its candidates that it
- * can act on: '@' (email), two capitals then two digits (IBAN), two colons with at most four
- * hex digits between them (IPv6), a run of [0-9 -.()] of at least 7 bytes (the digit-run
- * candidate) holding at least 9 digits (SSN, card, phone) or 4 digits and 3 dots (IPv4). */
 #ifdef __SSE2__
 /* Digits, '@' and ':' among the 64 bytes from ``p``, as a bit mask. */
 static inline uint64_t pii_marks64(const unsigned char *p) {
@@ -496,6 +492,10 @@ static inline size_t next_pii_mark(const unsigned char *s, size_t i, size_t n) {
 }
 #endif
 
+/* Could the PII scrubber change anything in this text? A superset of its candidates that it
+ * can act on: '@' (email), two capitals then two digits (IBAN), two colons with at most four
+ * hex digits between them (IPv6), a run of [0-9 -.()] of at least 7 bytes (the digit-run
+ * candidate) holding at least 9 digits (SSN, card, phone) or 4 digits and 3 dots (IPv4). */
 static int pii_candidate(const unsigned char *s, size_t n) {
     size_t i = 0;
     while (i < n) {
@@ -1533,7 +1533,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastpass",
 
 /* The interface version: fastpass.py uses only a module that says the one it expects (a
  * stale build left in place by an editable install is not used). */
-#define FASTPASS_ABI 1
+#define FASTPASS_ABI 2
 
 PyMODINIT_FUNC PyInit__fastpass(void) {
     init_classes();

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 _FORMAT_CODES = {None: 0, "alpaca": 1, "openai": 2, "sharegpt": 3}
 
 # The interface this module speaks (FASTPASS_ABI in _fastpass.c); bump both together.
-ABI = 1
+ABI = 2
 
 native: ModuleType | None
 try:
