@@ -50,7 +50,7 @@ def steady_heap() -> bool:
     chunk (a block read, the C pass's output, a chunk file read back), so each chunk paid
     for fresh zeroed pages: ~50,000 page faults per run of the bench corpus, ~15 % of all
     CPU time. Here buffers up to 32 MiB come from the heap, and the heap keeps up to 128
-    MiB of free memory before it is trimmed: ~1,500 faults per run. The price is memory
+    MiB of free memory before it is trimmed: ~900-1,700 faults per run. The price is memory
     held after a large job, bounded by that 128 MiB per process."""
     try:
         glibc = os.confstr("CS_GNU_LIBC_VERSION")
